@@ -1,0 +1,37 @@
+# make test  - set up everything (virtual environment, Python and Debian packages) and run the tests
+# make demo  - set up everything and run the demo: baseline vs SAR on a small Fashion-MNIST subset
+# make bench - the benchmark scripts (timings printed side by side)
+
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+TORCH_REQUIREMENTS ?= requirements/torch.txt
+STAMP := $(VENV)/.sarvit-installed
+SYSTEM_STAMP := $(VENV)/.sarvit-system-deps
+
+.PHONY: setup test demo bench clean
+
+setup: $(STAMP) $(SYSTEM_STAMP)
+
+$(STAMP): pyproject.toml $(TORCH_REQUIREMENTS)
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(if $(TORCH_REQUIREMENTS),$(PY) -m pip install --quiet -r $(TORCH_REQUIREMENTS))
+	$(PY) -m pip install --quiet -e ".[test]"
+	@touch $@
+
+$(SYSTEM_STAMP): scripts/install-system-deps.sh | $(STAMP)
+	scripts/install-system-deps.sh
+	@touch $@
+
+test: setup
+	$(PY) -m pytest
+
+demo: setup
+	$(VENV)/bin/sarvit demo
+
+bench: setup
+	$(PY) benchmarks/spatial_entropy.py
+	$(PY) benchmarks/step_overhead.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache build *.egg-info

@@ -1,0 +1,173 @@
+"""The SAR last block (Eq. 10-11) and the similarity maps of Eq. 4.
+
+``SARBlock`` wraps a standard pre-norm transformer block (timm's ``Block``): it adopts
+the block's own submodules under their own names, so parameter names do not change and
+checkpoints load both ways, and it keeps the original block to hand back on detach.
+
+Its layout says which parts of the standard block it keeps. The rows of Table 1(b):
+
+    A  standard   z' = MSA(LN1(z)) + z     z = MLP(LN2(z')) + z'   (Eq. 1-2)
+    B             z' = MSA(LN1(z))         z = MLP(LN2(z')) + z'
+    C  sar        z' = MSA(LN1(z))         z = MLP(z') + z'        (Eq. 10-11, default)
+    D             z' = MSA(LN1(z))         z = MLP(z')
+
+(rows E and F are A and C trained with the spatial-entropy loss). Without the MSA skip
+the MSA branch has no drop-path and no LayerScale: both only make sense on a residual
+branch (a LayerScale initialised at 1e-5 would all but zero the block's output). Likewise
+row D drops the MLP branch's drop-path and LayerScale. The parameters that a layout does
+not use (LN2 for C and D, LayerScale gammas) stay in the module, so state dicts keep
+timm's keys, but are frozen (``requires_grad=False``) so that optimisers skip them and
+DistributedDataParallel does not wait for their gradients.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = ["BlockLayout", "LAYOUTS", "resolve_layout", "SARBlock", "similarity_from_qk", "attention_with_similarity"]
+
+
+@dataclass(frozen=True)
+class BlockLayout:
+    """Which parts of a standard pre-norm block the last block keeps."""
+
+    msa_skip: bool
+    mlp_norm: bool
+    mlp_skip: bool
+
+
+LAYOUTS = {
+    "A": BlockLayout(msa_skip=True, mlp_norm=True, mlp_skip=True),
+    "B": BlockLayout(msa_skip=False, mlp_norm=True, mlp_skip=True),
+    "C": BlockLayout(msa_skip=False, mlp_norm=False, mlp_skip=True),
+    "D": BlockLayout(msa_skip=False, mlp_norm=False, mlp_skip=False),
+}
+_ALIASES = {"standard": "A", "no_msa_skip": "B", "sar": "C", "no_skips": "D"}
+
+
+def resolve_layout(layout: str | BlockLayout) -> BlockLayout:
+    """``"sar"``/``"C"`` -> ``BlockLayout``; accepts the Table 1(b) letters and names."""
+    if isinstance(layout, BlockLayout):
+        return layout
+    key = _ALIASES.get(str(layout), str(layout).upper())
+    if key not in LAYOUTS:
+        names = ", ".join(f"{k} ({v})" for v, k in _ALIASES.items())
+        raise ValueError(f"unknown last-block layout {layout!r}; choose one of {names}")
+    return LAYOUTS[key]
+
+
+def similarity_from_qk(
+    q: torch.Tensor, k: torch.Tensor, scale: float, num_prefix_tokens: int, query: str = "cls"
+) -> torch.Tensor:
+    """Eq. 4: ``S[b, h, j] = <q_query, k_j> * scale`` over the patch tokens only.
+
+    Args:
+        q, k: ``(B, heads, N, head_dim)``, the block's queries and keys (after q/k norm).
+        scale: ``head_dim ** -0.5``.
+        num_prefix_tokens: tokens before the patch grid (class, distillation, registers).
+        query: ``"cls"`` (token 0) or ``"mean"`` (mean of the patch queries, for models
+            without a class token).
+
+    Returns:
+        float32 ``(B, heads, N - num_prefix_tokens)``. Only one query row is computed;
+        the ``N x N`` attention matrix is never formed. Autocast is off here so that the
+        product is float32 even inside a bf16/fp16 region.
+    """
+    keys = k[:, :, num_prefix_tokens:]  # (B, heads, n, d)
+    if query == "cls":
+        q0 = q[:, :, :1]  # (B, heads, 1, d)
+    elif query == "mean":
+        q0 = q[:, :, num_prefix_tokens:].mean(dim=2, keepdim=True)  # (B, heads, 1, d)
+    else:
+        raise ValueError(f"query must be 'cls' or 'mean', got {query!r}")
+    with torch.autocast(device_type=q.device.type, enabled=False):
+        S = (q0.float() * scale) @ keys.float().transpose(-2, -1)  # (B, heads, 1, n)
+    return S.squeeze(-2)
+
+
+def attention_with_similarity(attn: nn.Module, x: torch.Tensor, num_prefix_tokens: int, query: str):
+    """timm ``Attention.forward`` that also returns the similarity maps of Eq. 4.
+
+    Args:
+        attn: a ``timm.layers.Attention``.
+        x: ``(B, N, C)``, the normalised tokens entering the attention.
+
+    Returns:
+        ``(out, S)``: ``out`` ``(B, N, C)`` equals ``attn(x)`` and is computed with fused
+        ``scaled_dot_product_attention``; ``S`` is float32 ``(B, heads, N - prefix)``.
+    """
+    B, N, _ = x.shape
+    gate = getattr(attn, "gate", None)
+    gate = gate(x).sigmoid() if gate is not None else None
+    qkv = attn.qkv(x).reshape(B, N, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)  # (3, B, heads, N, d)
+    q, k, v = qkv.unbind(0)
+    q, k = attn.q_norm(q), attn.k_norm(k)
+    S = similarity_from_qk(q, k, attn.scale, num_prefix_tokens, query)  # (B, heads, n)
+    out = F.scaled_dot_product_attention(
+        q, k, v, dropout_p=attn.attn_drop.p if attn.training else 0.0
+    )  # (B, heads, N, d)
+    out = out.transpose(1, 2).reshape(B, N, attn.num_heads * attn.head_dim)  # (B, N, heads * d)
+    norm = getattr(attn, "norm", None)
+    if norm is not None:
+        out = norm(out)
+    if gate is not None:
+        out = out * gate
+    return attn.proj_drop(attn.proj(out)), S
+
+
+class SARBlock(nn.Module):
+    """A standard pre-norm block rewired to a Table 1(b) layout; see the module docstring.
+
+    ``forward(x)`` maps ``(B, N, C) -> (B, N, C)`` like the wrapped block;
+    ``forward_with_similarity(x)`` also returns ``S`` of shape ``(B, heads, N - prefix)``.
+    """
+
+    def __init__(self, block: nn.Module, layout: BlockLayout, num_prefix_tokens: int, query: str) -> None:
+        super().__init__()
+        for name, child in block.named_children():
+            self.add_module(name, child)  # same objects, same names: timm's parameter keys
+        self.layout = layout
+        self.num_prefix_tokens = num_prefix_tokens
+        self.query = query
+        self._original = (block,)  # a tuple, so that it is not registered as a submodule
+        unused = []
+        if not layout.msa_skip:
+            unused.append(self.ls1)
+        if not (layout.mlp_norm and layout.mlp_skip):
+            unused.append(self.norm2)
+        if not layout.mlp_skip:
+            unused.append(self.ls2)
+        self._frozen = tuple((p, p.requires_grad) for m in unused for p in m.parameters())
+        for p, _ in self._frozen:
+            p.requires_grad_(False)
+
+    def forward(self, x: torch.Tensor, attn_mask=None, is_causal: bool = False) -> torch.Tensor:
+        if attn_mask is not None or is_causal:
+            raise ValueError("the SAR last block does not support attention masks")
+        return self._finish(x, self.attn(self.norm1(x)))
+
+    def forward_with_similarity(self, x: torch.Tensor):
+        a, S = attention_with_similarity(self.attn, self.norm1(x), self.num_prefix_tokens, self.query)
+        return self._finish(x, a), S
+
+    def _finish(self, x: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+        """Combine the block input ``x`` and the attention output ``a`` (both ``(B, N, C)``)."""
+        layout = self.layout
+        z = x + self.drop_path1(self.ls1(a)) if layout.msa_skip else a  # Eq. 1 or Eq. 10
+        if not layout.mlp_skip:
+            return self.mlp(z)  # row D
+        h = self.norm2(z) if layout.mlp_norm else z
+        return z + self.drop_path2(self.ls2(self.mlp(h)))  # Eq. 2 or Eq. 11
+
+    def restore(self) -> nn.Module:
+        """Unfreeze what this wrapper froze and return the original block (same weights)."""
+        for p, requires_grad in self._frozen:
+            p.requires_grad_(requires_grad)
+        return self._original[0]
+
+    def extra_repr(self) -> str:
+        return f"layout={self.layout}, num_prefix_tokens={self.num_prefix_tokens}, query={self.query!r}"

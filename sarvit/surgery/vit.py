@@ -1,0 +1,85 @@
+"""SAR surgery for timm's ``VisionTransformer`` family (ViT, DeiT, distilled DeiT, DeiT-III,
+registers, LayerScale, ``dynamic_img_size``)."""
+
+from __future__ import annotations
+
+from types import MethodType
+
+import torch
+from torch import nn
+
+from .block import BlockLayout, SARBlock
+
+__all__ = ["matches", "attach", "detach"]
+
+NAME = "timm VisionTransformer (vit_*, deit_*, deit3_*, distilled DeiT, register and LayerScale variants)"
+
+
+def matches(model: nn.Module) -> bool:
+    from timm.models.vision_transformer import VisionTransformer
+
+    return isinstance(model, VisionTransformer)
+
+
+def _check(model: nn.Module, query: str) -> None:
+    from timm.layers import Attention
+    from timm.models.vision_transformer import Block
+
+    last = model.blocks[-1]
+    if isinstance(last, SARBlock):
+        raise ValueError("this model already has SAR attached; call sarvit.detach(model) first")
+    if not isinstance(last, Block) or not isinstance(last.attn, Attention):
+        raise TypeError(
+            f"SAR needs a standard pre-norm last block with timm's Attention; this model's last "
+            f"block is {type(last).__name__} with {type(getattr(last, 'attn', None)).__name__}. "
+            f"Supported: {NAME}"
+        )
+    if any(True for _ in last.named_parameters(recurse=False)) or any(True for _ in last.named_buffers(recurse=False)):
+        raise TypeError(f"the last block {type(last).__name__} holds tensors of its own; SAR cannot wrap it")
+    if not isinstance(model.patch_drop, nn.Identity):
+        raise ValueError(
+            "patch dropout removes tokens from the grid, so the similarity maps lose their "
+            "spatial layout; create the model with patch_drop_rate=0"
+        )
+    if getattr(model, "attn_pool", None) is not None and query == "cls":
+        raise ValueError("models with attention pooling have no class token; use query='mean'")
+    if query == "cls" and getattr(model, "cls_token", None) is None:
+        raise ValueError("this model has no class token; attach it with query='mean' (the default 'auto' does)")
+
+
+def attach(model: nn.Module, layout: BlockLayout, query: str) -> nn.Module:
+    if query == "auto":
+        query = "cls" if getattr(model, "cls_token", None) is not None else "mean"
+    _check(model, query)
+    model.blocks[-1] = SARBlock(model.blocks[-1], layout, model.num_prefix_tokens, query)
+    model.forward_with_similarity = MethodType(forward_with_similarity, model)
+    return model
+
+
+def detach(model: nn.Module) -> nn.Module:
+    model.blocks[-1] = model.blocks[-1].restore()
+    del model.forward_with_similarity
+    return model
+
+
+def forward_with_similarity(self: nn.Module, x: torch.Tensor):
+    """``(B, 3, H, W) -> (logits, S)``, ``S`` float32 ``(B, heads, h, w)`` from the last block.
+
+    Mirrors ``VisionTransformer.forward_features`` + ``forward_head``; the logits equal
+    ``model(x)``.
+    """
+    from timm.models._manipulate import checkpoint_seq
+
+    x = self.patch_embed(x)  # (B, h*w, C), or (B, h, w, C) with dynamic_img_size
+    grid = tuple(x.shape[1:3]) if x.dim() == 4 else tuple(self.patch_embed.grid_size)
+    x = self._pos_embed(x)  # (B, prefix + h*w, C)
+    x = self.patch_drop(x)
+    x = self.norm_pre(x)
+    body = self.blocks[:-1]
+    if self.grad_checkpointing and not torch.jit.is_scripting():
+        x = checkpoint_seq(body, x)
+    else:
+        x = body(x)
+    x, S = self.blocks[-1].forward_with_similarity(x)  # S: (B, heads, h*w)
+    x = self.norm(x)
+    return self.forward_head(x), S.unflatten(-1, grid)  # (B, heads, h, w)
