@@ -1,0 +1,199 @@
+"""One training epoch and one evaluation pass.
+
+The hot loop keeps the device busy: the loss terms are summed on the device and read
+back only every ``log_interval`` steps and at the end of the epoch; the only other host
+synchronisation is inside the SE term's labelling (a bounded number of checks per step
+on accelerators, see ``sarvit.components``).
+"""
+
+from __future__ import annotations
+
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+import sys
+from typing import Callable
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from .distributed import Dist, all_reduce_sum
+from .entropy import spatial_entropy
+
+__all__ = ["TrainForward", "LoopState", "train_one_epoch", "evaluate", "autocast"]
+
+
+class TrainForward(nn.Module):
+    """What DDP and ``torch.compile`` wrap: ``(x, with_similarity) -> (logits, S or None)``.
+
+    Going through one module's ``forward`` lets DistributedDataParallel see every
+    forward pass, including the one that also returns the similarity maps.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor, with_similarity: bool):
+        if with_similarity:
+            return self.model.forward_with_similarity(x)
+        return self.model(x), None
+
+
+def _show_progress(dist: Dist) -> bool:
+    """Progress bars on the main rank of an interactive terminal (logs get one line per epoch)."""
+    return dist.main and sys.stderr.isatty()
+
+
+def autocast(device: torch.device, amp: str):
+    """The autocast context for ``amp`` in (none, bf16, fp16)."""
+    if amp == "none":
+        return nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
+
+
+@dataclass
+class LoopState:
+    """Where training stands; everything a checkpoint must restore besides the modules."""
+
+    epoch: int = 0  # current epoch (0-based)
+    step_in_epoch: int = 0  # optimizer steps already taken in this epoch
+    global_step: int = 0
+    best_top1: float = float("-inf")
+    best_epoch: int = -1
+    history: list = field(default_factory=list)
+
+
+def train_one_epoch(
+    *,
+    net: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler,
+    loader,
+    objective: nn.Module,
+    state: LoopState,
+    steps_per_epoch: int,
+    dist: Dist,
+    amp: str,
+    use_se: bool,
+    lambda_fn: Callable[[float], float],
+    mixup=None,
+    scaler=None,
+    ema=None,
+    clip_grad: float | None = None,
+    log_interval: int = 20,
+    on_step: Callable[[], None] | None = None,
+) -> dict[str, float]:
+    """Train from ``state.step_in_epoch`` to the end of ``state.epoch``.
+
+    ``on_step`` runs after every optimizer step (the checkpoint hook). Returns the
+    epoch's mean loss terms, the last learning rate and lambda, and images per second.
+    """
+    from timm.utils import dispatch_clip_grad
+
+    net.train()
+    device = dist.device
+    sums: dict[str, torch.Tensor] = {}
+    steps = 0
+    images = 0
+    lam = 0.0
+    start = time.perf_counter()
+    bar = tqdm(
+        loader, total=steps_per_epoch - state.step_in_epoch, initial=0, disable=not _show_progress(dist),
+        desc=f"epoch {state.epoch + 1}", leave=False, dynamic_ncols=True,
+    )
+    for x, y in bar:
+        x = x.to(device, non_blocking=True)
+        y = y.to(device, non_blocking=True)
+        if mixup is not None:
+            x, y = mixup(x, y)
+        lam = lambda_fn(state.epoch + state.step_in_epoch / steps_per_epoch)
+        with autocast(device, amp):
+            logits, S = net(x, with_similarity=use_se)
+        terms = objective(logits, y, S, lam)
+        optimizer.zero_grad(set_to_none=True)
+        if scaler is not None:
+            scaler.scale(terms["loss"]).backward()
+            if clip_grad:
+                scaler.unscale_(optimizer)
+                dispatch_clip_grad([p for g in optimizer.param_groups for p in g["params"]], clip_grad)
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            terms["loss"].backward()
+            if clip_grad:
+                dispatch_clip_grad([p for g in optimizer.param_groups for p in g["params"]], clip_grad)
+            optimizer.step()
+        if ema is not None:
+            ema.update(_unwrap(net), step=state.global_step)
+        state.step_in_epoch += 1
+        state.global_step += 1
+        scheduler.step_update(num_updates=state.global_step)
+        for k, v in terms.items():
+            sums[k] = sums.get(k, 0.0) + v.detach().float()
+        steps += 1
+        images += x.shape[0] * dist.world
+        if dist.main and (steps % log_interval == 0 or state.step_in_epoch == steps_per_epoch):
+            means = {k: (v / steps).item() for k, v in sums.items()}
+            bar.set_postfix(
+                loss=f"{means['loss']:.4f}", ce=f"{means['ce']:.4f}", se=f"{means.get('se', 0.0):.4f}",
+                lr=f"{optimizer.param_groups[0]['lr']:.2e}", img_s=f"{images / (time.perf_counter() - start):.0f}",
+            )
+        if on_step is not None:
+            on_step()
+    bar.close()
+    elapsed = time.perf_counter() - start
+    out = {f"train_{k}": (v / max(steps, 1)).item() for k, v in sums.items()}
+    out.update(lr=optimizer.param_groups[0]["lr"], **{"lambda": lam}, images_per_sec=images / max(elapsed, 1e-9))
+    return out
+
+
+def _unwrap(net: nn.Module) -> nn.Module:
+    """The user's model inside TrainForward / DDP / torch.compile wrappers."""
+    while True:
+        if isinstance(net, TrainForward):
+            return net.model
+        inner = getattr(net, "module", None) or getattr(net, "_orig_mod", None)
+        if inner is None:
+            return net
+        net = inner
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader, dist: Dist, amp: str = "none", desc: str = "eval") -> dict[str, float]:
+    """Top-1/top-5, CE, and the last block's mean spatial entropy and components per head.
+
+    Every rank evaluates its share; sums are reduced over ranks, so the result covers
+    the whole set exactly once.
+    """
+    model.eval()
+    device = dist.device
+    sums = torch.zeros(6, dtype=torch.float64, device=device)  # n, top1, top5, ce, se, components
+    for x, y in tqdm(loader, disable=not _show_progress(dist), desc=desc, leave=False, dynamic_ncols=True):
+        x = x.to(device, non_blocking=True)
+        y = y.to(device, non_blocking=True)
+        with autocast(device, amp):
+            logits, S = model.forward_with_similarity(x)
+        logits = logits.float()
+        top5 = logits.topk(min(5, logits.shape[1]), dim=1).indices  # (B, 5)
+        hit = top5 == y[:, None]
+        H, count = spatial_entropy(S, return_num_components=True)  # (B, heads)
+        sums += torch.stack([
+            torch.tensor(float(x.shape[0]), device=device, dtype=torch.float64),
+            hit[:, 0].sum().double(),
+            hit.any(dim=1).sum().double(),
+            nn.functional.cross_entropy(logits, y, reduction="sum").double(),
+            H.mean(dim=1).sum().double(),
+            count.double().mean(dim=1).sum(),
+        ])
+    all_reduce_sum(sums)
+    n = max(sums[0].item(), 1.0)
+    return {
+        "top1": 100.0 * sums[1].item() / n,
+        "top5": 100.0 * sums[2].item() / n,
+        "loss": sums[3].item() / n,
+        "se": sums[4].item() / n,
+        "components": sums[5].item() / n,
+        "images": int(sums[0].item()),
+    }

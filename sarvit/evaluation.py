@@ -1,0 +1,71 @@
+"""``evaluate_checkpoint``: accuracy and attention statistics of saved weights on a dataset."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from .config import ConfigError
+from .data import SeededTransform, build_loader, build_transform, open_dataset
+from .distributed import init_distributed, shutdown
+from .engine import evaluate
+from .factory import load_model, resolve_weights
+
+__all__ = ["evaluate_checkpoint"]
+
+
+def _run_config(weights: Path) -> dict[str, Any]:
+    """The training config.yaml of the run the weights belong to, if it is at hand."""
+    import yaml
+
+    for folder in (weights.parent, weights.parent.parent.parent):
+        if (folder / "config.yaml").is_file():
+            return yaml.safe_load((folder / "config.yaml").read_text()) or {}
+    return {}
+
+
+def evaluate_checkpoint(
+    checkpoint: str | Path,
+    *,
+    which: str = "best",
+    data: str | None = None,
+    data_root: str | None = None,
+    img_size: int | None = None,
+    crop_pct: float | None = None,
+    batch_size: int = 256,
+    workers: int = 4,
+    device: str = "auto",
+    amp: str = "auto",
+) -> dict[str, Any]:
+    """Top-1/top-5, CE, mean spatial entropy and components per head on a validation split.
+
+    The dataset, resolution and crop default to those the weights were trained with.
+    Under ``torchrun`` the evaluation is sharded over the processes.
+    """
+    dist = init_distributed(device)
+    try:
+        weights = resolve_weights(checkpoint, which)
+        model, meta = load_model(weights, device=dist.device)
+        run = _run_config(weights)
+        data = data or meta.get("data") or run.get("data")
+        if data is None:
+            raise ConfigError(f"{weights} does not say which data it was trained on; pass --data")
+        raw = open_dataset(data, data_root or run.get("data_root"), "val")
+        if raw.num_classes != meta["num_classes"]:
+            raise ConfigError(
+                f"the model has {meta['num_classes']} classes but {data} has {raw.num_classes}; "
+                "evaluate on the dataset the model was trained for"
+            )
+        name = data if not Path(data).is_dir() else "imagefolder"
+        size = img_size or meta.get("img_size") or 224
+        transform = build_transform(name, size, False, interpolation=run.get("interpolation", "bicubic"),
+                                    crop_pct=crop_pct or run.get("crop_pct", 0.875))
+        loader, sampler = build_loader(SeededTransform(raw.dataset, transform, 0), batch_size, train=False, seed=0,
+                                       rank=dist.rank, world=dist.world, workers=workers,
+                                       pin_memory=dist.device.type == "cuda")
+        if amp == "auto":
+            amp = "bf16" if dist.device.type == "cuda" else "none"
+        metrics = evaluate(model, loader, dist, amp, desc=f"eval {data}")
+        return {"weights": str(weights), "data": data, **metrics}
+    finally:
+        shutdown()

@@ -1,0 +1,230 @@
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import timm
+import torch
+import yaml
+from safetensors.torch import load_file
+
+import sarvit
+from sarvit.cli import main
+from sarvit.data import build_transform, open_dataset
+from sarvit.factory import load_model
+from sarvit.runlog import read_metrics
+from tests.conftest import TINY_MODEL, make_image_folder, python_cli, tiny_train_args
+from tests.test_entropy import loop_entropy
+
+REQUIRED = {"epoch", "step", "train_loss", "train_ce", "lr", "lambda", "images_per_sec", "epoch_time",
+            "val_top1", "val_top5", "val_loss", "val_se", "val_components"}
+
+
+def run_cli(args):
+    assert main([str(a) for a in args]) == 0
+
+
+def weights(path: Path) -> dict:
+    return load_file(str(path))
+
+
+def test_training_run_writes_a_complete_run_folder(image_folder, tmp_path):
+    out = tmp_path / "run"
+    run_cli(tiny_train_args(image_folder, out, "--per-class", "10"))
+    cfg = yaml.safe_load((out / "config.yaml").read_text())
+    assert cfg["per_class"] == 10 and cfg["lambda"] == 0.01 and cfg["output"] == str(out)
+    rows = read_metrics(out / "metrics.jsonl")
+    assert [r["epoch"] for r in rows] == [1, 2]
+    assert REQUIRED | {"train_se"} <= set(rows[-1])
+    assert any(p.name.startswith("events.out.tfevents") for p in (out / "tensorboard").iterdir())
+    last = (out / "checkpoints" / "last").resolve()
+    assert last.name == f"step-{rows[-1]['step']:08d}" and {p.name for p in last.iterdir()} == {
+        "model.safetensors", "state.pt"}
+    assert (out / "best.safetensors").is_file() and json.loads((out / "summary.json").read_text())["epochs"] == 2
+    subset = json.loads((out / "subset_indices.json").read_text())
+    targets = open_dataset(str(image_folder)).targets
+    assert subset["size"] == 40 and np.bincount(targets[subset["indices"]]).tolist() == [10] * 4
+
+    # the logged validation metrics, recomputed with a plain loop over the saved final weights
+    model, meta = load_model(out, which="last")
+    model.eval()
+    raw = open_dataset(str(image_folder), split="val")
+    transform = build_transform("imagefolder", 16, False, crop_pct=1.0)
+    correct, entropies, components = 0, [], []
+    for image, target in (raw.dataset[i] for i in range(len(raw.dataset))):
+        with torch.no_grad():
+            logits, S = model.forward_with_similarity(transform(image)[None])
+        correct += int(logits.argmax(1).item() == target)
+        entropies.append(loop_entropy(S[0]).mean().item())
+        components.append(np.mean([
+            len(np.unique(sarvit.connected_components(s > s.mean()).numpy())) - 1 for s in S[0]]))
+    assert rows[-1]["val_top1"] == pytest.approx(100 * correct / len(raw.dataset))
+    assert rows[-1]["val_se"] == pytest.approx(np.mean(entropies), abs=1e-5)
+    assert rows[-1]["val_components"] == pytest.approx(np.mean(components))
+    assert meta["num_classes"] == 4 and meta["layout"] == "C" and meta["sar"] is True
+
+
+def test_baseline_weights_load_into_the_plain_timm_model(image_folder, tmp_path):
+    out = tmp_path / "base"
+    run_cli(tiny_train_args(image_folder, out, "--sar", "false", "--epochs", "1"))
+    rows = read_metrics(out / "metrics.jsonl")
+    assert "train_se" not in rows[0] and "val_se" in rows[0]
+    sar_model, meta = load_model(out)
+    assert meta["layout"] == "A"
+    # the documented one-liner: timm reads the safetensors file as pretrained weights
+    plain = timm.create_model(
+        "vit_tiny_patch16_224", pretrained=True,
+        pretrained_cfg_overlay=dict(file=str(out / "best.safetensors"), num_classes=4),
+        num_classes=4, img_size=16, patch_size=4, embed_dim=24, depth=2, num_heads=2, mlp_ratio=2.0,
+    ).eval()
+    x = torch.randn(2, 3, 16, 16)
+    torch.testing.assert_close(plain(x), sar_model.eval()(x))
+    sar = tmp_path / "sar"
+    run_cli(tiny_train_args(image_folder, sar, "--epochs", "1"))
+    plain.load_state_dict(weights(sar / "best.safetensors"), strict=True)  # SAR weights, timm's keys
+
+
+def test_existing_run_folder_is_never_overwritten(image_folder, tmp_path, capsys):
+    out = tmp_path / "run"
+    run_cli(tiny_train_args(image_folder, out, "--epochs", "1"))
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    assert main(tiny_train_args(image_folder, out, "--epochs", "1")) == 2
+    assert "already exists" in capsys.readouterr().err
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--model", "vit_smal_patch16_224"], "unknown model 'vit_smal_patch16_224'"),
+    (["--lambda", "-1"], "lambda must be >= 0"),
+    (["--batch-size", "64"], "fewer than one batch"),
+    (["--per-class", "50"], "more images than 4 classes"),
+])
+def test_bad_experiments_fail_with_a_clear_message(image_folder, tmp_path, capsys, args, message):
+    argv = tiny_train_args(image_folder, tmp_path / "run")
+    if args[0] == "--model":  # the tiny model's arguments would not fit another name anyway
+        argv = [a for a in argv if a not in TINY_MODEL]
+    argv += args
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+
+
+def test_missing_dataset_names_the_places_it_looked(tmp_path, capsys):
+    assert main(["train", "--data", "cifar10", "--data-root", str(tmp_path / "nope"), "--output",
+                 str(tmp_path / "run"), "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert "cifar10" in err and str(tmp_path / "nope") in err and "--download" in err
+
+
+def test_resume_refuses_a_different_experiment(image_folder, tmp_path, capsys):
+    out = tmp_path / "run"
+    run_cli(tiny_train_args(image_folder, out, "--epochs", "1"))
+    assert main(tiny_train_args(image_folder, out, "--epochs", "1", "--lambda", "0.1", "--resume", "auto")) == 2
+    assert "different experiment" in capsys.readouterr().err
+
+
+def test_eval_command(image_folder, tmp_path, capsys):
+    out = tmp_path / "run"
+    run_cli(tiny_train_args(image_folder, out, "--epochs", "1"))
+    capsys.readouterr()
+    run_cli(["eval", "--checkpoint", out, "--which", "last", "--device", "cpu", "--workers", "0"])
+    metrics = json.loads(capsys.readouterr().out)
+    row = read_metrics(out / "metrics.jsonl")[-1]
+    assert metrics["images"] == 20
+    for key in ("top1", "top5", "se", "components"):
+        assert metrics[key] == pytest.approx(row[f"val_{key}"])
+    other = make_image_folder(tmp_path / "three", classes=3)
+    assert main(["eval", "--checkpoint", str(out), "--data", str(other), "--device", "cpu", "--workers", "0"]) == 2
+    assert "the model has 4 classes" in capsys.readouterr().err
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _env(threads: int = 1) -> dict:
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), PYTHONPATH=str(Path(__file__).parent.parent))
+    env.pop("WORLD_SIZE", None)
+    return env
+
+
+@pytest.mark.slow
+def test_two_gloo_processes_match_one_process_with_the_same_global_batch(image_folder, tmp_path):
+    common = ["--epochs", "2", "--reprob", "0.5", "--auto-augment", "rand-m9-mstd0.5-inc1", "--workers", "0"]
+    single = tmp_path / "single"
+    subprocess.run(python_cli() + tiny_train_args(image_folder, single, *common, "--batch-size", "8"),
+                   check=True, env=_env(2), capture_output=True)
+    double = tmp_path / "double"
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                str(_free_port()), "-m", "sarvit.cli"]
+    proc = subprocess.run(launcher + tiny_train_args(image_folder, double, *common, "--batch-size", "4"),
+                          env=_env(1), capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    a = weights(single / "checkpoints" / "last" / "model.safetensors")
+    b = weights(double / "checkpoints" / "last" / "model.safetensors")
+    assert a.keys() == b.keys()
+    for k in a:
+        x, y = a[k], b[k]
+        if k.endswith("attn.qkv.bias"):
+            # The key bias adds q.b to every logit of a row: softmax and Eq. 5's mean subtraction
+            # cancel it, so its gradient is round-off noise, which AdamW scales up to lr-sized
+            # steps. Compare the query and value biases only.
+            c = x.shape[0] // 3
+            x, y = torch.cat([x[:c], x[2 * c:]]), torch.cat([y[:c], y[2 * c:]])
+        torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-5, msg=k)
+    ra, rb = read_metrics(single / "metrics.jsonl"), read_metrics(double / "metrics.jsonl")
+    assert [r["step"] for r in ra] == [r["step"] for r in rb] == [6, 12]
+    assert ra[-1]["val_top1"] == pytest.approx(rb[-1]["val_top1"])
+    # and a different seed does give different weights (the comparison can fail)
+    other = tmp_path / "other"
+    subprocess.run(python_cli() + tiny_train_args(image_folder, other, *common, "--batch-size", "8", "--seed", "1"),
+                   check=True, env=_env(2), capture_output=True)
+    c = weights(other / "checkpoints" / "last" / "model.safetensors")
+    assert not torch.allclose(a["head.weight"], c["head.weight"], atol=1e-3)
+
+
+@pytest.mark.slow
+def test_sigkill_mid_epoch_then_resume_gives_bitwise_the_same_weights(tmp_path):
+    data = make_image_folder(tmp_path / "data", classes=4, train=24, val=4)
+    # Mixup/CutMix (NumPy RNG), drop-path (torch RNG), RandAugment and erasing (per-sample seeds)
+    common = ["--epochs", "6", "--mixup", "0.8", "--cutmix", "1.0", "--drop-path", "0.1", "--reprob", "0.25",
+              "--auto-augment", "rand-m9-mstd0.5-inc1", "--checkpoint-interval", "5", "--eval-interval", "3"]
+    full = tmp_path / "full"
+    subprocess.run(python_cli() + tiny_train_args(data, full, *common), check=True, env=_env(1), capture_output=True)
+
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen(python_cli() + tiny_train_args(data, killed, *common, "--workers", "2"),
+                            env=_env(1), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    last = killed / "checkpoints" / "last"
+    deadline = time.time() + 300
+    # epoch 3 has steps 25-36: kill as soon as the interval checkpoint of step 25 is the last one
+    while proc.poll() is None and time.time() < deadline:
+        if last.is_symlink() and os.readlink(last) == "step-00000025":
+            break
+        time.sleep(0.001)
+    os.kill(proc.pid, signal.SIGKILL)
+    assert proc.wait() == -signal.SIGKILL
+    assert not (killed / "summary.json").exists()
+    state = torch.load(killed / "checkpoints" / "last" / "state.pt", weights_only=False)
+    assert 0 < state["loop"]["step_in_epoch"] < 12  # the checkpoint it resumes from is mid-epoch
+
+    resumed = subprocess.run(python_cli() + tiny_train_args(data, killed, *common, "--resume", "auto"),
+                             env=_env(1), capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resuming from" in resumed.stdout
+    a = weights(full / "checkpoints" / "last" / "model.safetensors")
+    b = weights(killed / "checkpoints" / "last" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert [r["epoch"] for r in read_metrics(killed / "metrics.jsonl")] == list(range(1, 7))
+    sa = torch.load(full / "checkpoints" / "last" / "state.pt", weights_only=False)
+    sb = torch.load(killed / "checkpoints" / "last" / "state.pt", weights_only=False)
+    for ga, gb in zip(sa["optimizer"]["state"].values(), sb["optimizer"]["state"].values()):
+        assert all(torch.equal(ga[k], gb[k]) for k in ga)
