@@ -8,6 +8,7 @@
 
 from .components import connected_components
 from .entropy import SpatialEntropyLoss, spatial_entropy
+from .factory import create_model, load_model
 from .surgery import BlockLayout, attach, detach, is_attached
 
 __version__ = "0.1.0"
@@ -20,4 +21,6 @@ __all__ = [
     "detach",
     "is_attached",
     "BlockLayout",
+    "create_model",
+    "load_model",
 ]

@@ -23,21 +23,39 @@ __all__ = ["main", "build_parser"]
 USER_ERRORS = (ConfigError, FileNotFoundError, ValueError, TypeError)
 
 
+# the options of `sarvit train`, in groups: (title, first field of the group)
+TRAIN_GROUPS = (("data", "data"), ("model", "model"), ("SAR", "sar"), ("optimisation", "epochs"),
+                ("augmentation and regularisation", "smoothing"), ("run", "seed"))
+
+
+def _metavar(name: str) -> str:
+    from .config import CHOICES, _field_type
+
+    if name in CHOICES:
+        return "|".join(str(c) for c in CHOICES[name] if c is not None)
+    kind = _field_type(name)
+    return {bool: "true|false", int: "N", float: "X", dict: "YAML", tuple: "LO,HI"}.get(kind, "TEXT")
+
+
 def _add_train(sub) -> None:
     p = sub.add_parser(
         "train",
         help="train a model (baseline or SAR) from a YAML recipe",
         description="Train a timm ViT with or without the SAR spatial-entropy term. A YAML recipe sets the "
-        "defaults (--config, a path or the name of a recipe shipped with sarvit); every option below "
-        "overrides it. Runs under torchrun for several GPUs or nodes.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        "defaults (--config, a path or the name of a recipe shipped with sarvit, see `sarvit recipes`); every "
+        "option below overrides it. Under torchrun it trains on several GPUs or nodes.",
+        epilog="example: sarvit train --config fashion_mnist_cpu --sar false --output runs/fmnist-baseline",
     )
-    p.add_argument("--config", help="YAML recipe: a file, or a shipped recipe's name (see `sarvit recipes`)")
+    p.add_argument("--config", metavar="RECIPE", help="YAML recipe: a file, or a shipped recipe's name")
+    starts = {first: title for title, first in TRAIN_GROUPS}
+    group = p
     for name, f in FIELDS.items():
+        if name in starts:
+            group = p.add_argument_group(f"{starts[name]} options")
         flag = "--lambda" if name == "lambda_" else "--" + name.replace("_", "-")
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        p.add_argument(flag, dest=name, default=argparse.SUPPRESS, metavar="VALUE",
-                       help=f"{f.metadata.get('help', '')} (default: {default})")
+        group.add_argument(flag, dest=name, default=argparse.SUPPRESS, metavar=_metavar(name),
+                           help=f"{f.metadata.get('help', '')} (default: {default})")
 
 
 def _add_eval(sub) -> None:
@@ -129,6 +147,16 @@ def _cmd_recipes(args: argparse.Namespace) -> int:
     return 0
 
 
+def _message(err: BaseException) -> str:
+    """The error's own words; a DataLoader worker's re-raised error carries a traceback
+    in its message, of which only the last line is the error."""
+    text = str(err)
+    if "Original Traceback" in text:
+        last = text.strip().splitlines()[-1]
+        return last.split(": ", 1)[1] if ": " in last else last
+    return text
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -141,7 +169,8 @@ def main(argv: list[str] | None = None) -> int:
     except USER_ERRORS as err:
         if os.environ.get("SARVIT_DEBUG"):
             raise
-        print(f"sarvit {args.command}: error: {err}\n(set SARVIT_DEBUG=1 to see the traceback)", file=sys.stderr)
+        print(f"sarvit {args.command}: error: {_message(err)}\n(set SARVIT_DEBUG=1 to see the traceback)",
+              file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"sarvit {args.command}: interrupted; `--resume auto` continues from the last checkpoint",

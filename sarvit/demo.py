@@ -75,7 +75,7 @@ def _figure(out: Path, cfg) -> Path:
     raw = open_dataset(cfg.data, cfg.data_root, "val")
     transform = build_transform(cfg.data, cfg.img_size, False, interpolation=cfg.interpolation, crop_pct=cfg.crop_pct)
     x = torch.stack([transform(raw.dataset[i][0]) for i in FIGURE_IMAGES])  # (B, 3, H, W), normalised
-    display = torch.stack([torch.from_numpy(np.asarray(raw.dataset[i][0])).permute(2, 0, 1) / 255.0
+    display = torch.stack([torch.from_numpy(np.array(raw.dataset[i][0])).permute(2, 0, 1) / 255.0
                            for i in FIGURE_IMAGES])  # (B, 3, H, W) in [0, 1]
     maps = {}
     for name in ("baseline", "sar"):

@@ -151,7 +151,7 @@ def _prepare_run(cfg: TrainConfig, dist: Dist) -> tuple[Path, Path | None]:
                 f"run folder {run_dir} already exists and is not empty; add --resume auto to continue "
                 "that run, or choose another --output (nothing there is overwritten)"
             )
-    if resume_from is not None:
+    if cfg.resume is not None:  # also a run killed before its first checkpoint: same experiment only
         _check_same_experiment(cfg, run_dir)
     barrier()  # every rank has looked at the folder before the main rank writes into it
     if dist.main:
@@ -185,7 +185,7 @@ def _restore(path, cfg, dist, model, optimizer, scheduler, scaler, ema, state, n
                           f"{saved['world']} (the data order and the batches depend on it), not {dist.world}")
     model.load_state_dict(ckpt.load_weights(path / ckpt.WEIGHTS, dist.device), strict=True)
     if ema is not None:
-        ema.load_state_dict(ckpt.load_weights(path / ckpt.EMA_WEIGHTS, dist.device), strict=True)
+        ema.module.load_state_dict(ckpt.load_weights(path / ckpt.EMA_WEIGHTS, dist.device), strict=True)
     optimizer.load_state_dict(saved["optimizer"])
     scheduler.load_state_dict(saved["scheduler"])
     if scaler is not None and saved.get("scaler"):
@@ -208,7 +208,8 @@ def _save(run_dir, cfg, dist, model, ema, optimizer, scheduler, scaler, state, m
             "data_order": {"seed": cfg.seed, "epoch": state.epoch, "samples_done": state.step_in_epoch * cfg.batch_size},
         }
         meta = {**metadata, "epoch": state.epoch, "step": state.global_step}
-        ckpt.save_checkpoint(run_dir, state.global_step, model, payload, meta, ema=ema)
+        ckpt.save_checkpoint(run_dir, state.global_step, model, payload, meta,
+                             ema=ema.module if ema is not None else None)
     barrier()
 
 
@@ -216,7 +217,7 @@ def _save_best(run_dir, dist, model, ema, metadata) -> None:
     if dist.main:
         ckpt.save_weights(model, run_dir / "best.safetensors", metadata)
         if ema is not None:
-            ckpt.save_weights(ema, run_dir / "best_ema.safetensors", metadata)
+            ckpt.save_weights(ema.module, run_dir / "best_ema.safetensors", metadata)
 
 
 def _rng_state(device: torch.device) -> dict[str, Any]:

@@ -228,3 +228,40 @@ def test_sigkill_mid_epoch_then_resume_gives_bitwise_the_same_weights(tmp_path):
     sb = torch.load(killed / "checkpoints" / "last" / "state.pt", weights_only=False)
     for ga, gb in zip(sa["optimizer"]["state"].values(), sb["optimizer"]["state"].values()):
         assert all(torch.equal(ga[k], gb[k]) for k in ga)
+
+
+@pytest.mark.parametrize("workers", ["0", "1"])
+def test_unreadable_image_is_named(image_folder, tmp_path, capsys, workers):
+    (image_folder / "train" / "class2" / "broken.png").write_bytes(b"not a png at all")
+    assert main(tiny_train_args(image_folder, tmp_path / "run", "--workers", workers)) == 2
+    err = capsys.readouterr().err
+    assert "cannot read image" in err and "broken.png" in err and "Traceback" not in err
+
+
+def test_model_ema_and_bf16_autocast(image_folder, tmp_path):
+    out = tmp_path / "run"
+    run_cli(tiny_train_args(image_folder, out, "--epochs", "1", "--model-ema", "true", "--model-ema-decay", "0.5",
+                            "--amp", "bf16", "--clip-grad", "1.0"))
+    row = read_metrics(out / "metrics.jsonl")[-1]
+    assert {"val_ema_top1", "val_ema_se"} <= set(row)
+    assert (out / "best_ema.safetensors").is_file()
+    assert (out / "checkpoints" / "last" / "ema.safetensors").is_file()
+    ema, model = weights(out / "best_ema.safetensors"), weights(out / "best.safetensors")
+    assert not torch.equal(ema["head.weight"], model["head.weight"])
+
+
+@pytest.mark.slow
+def test_torch_compile_training(image_folder, tmp_path):
+    out = tmp_path / "run"
+    run_cli(tiny_train_args(image_folder, out, "--epochs", "1", "--compile", "true"))
+    assert read_metrics(out / "metrics.jsonl")[-1]["val_top1"] >= 0
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("amp", ["fp16", "bf16"])
+def test_cuda_training_with_amp(image_folder, tmp_path, amp):
+    out = tmp_path / amp
+    run_cli([a if a != "cpu" else "cuda" for a in tiny_train_args(image_folder, out, "--amp", amp)])
+    rows = read_metrics(out / "metrics.jsonl")
+    assert all(np.isfinite(r["train_loss"]) and np.isfinite(r["train_se"]) for r in rows)

@@ -22,7 +22,7 @@ from typing import Iterator
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, Sampler, get_worker_info
 
 __all__ = ["SeededTransform", "EpochSampler", "build_transform", "build_loader", "seeded_rngs", "DATASET_STATS"]
 
@@ -61,17 +61,25 @@ def build_transform(
 
 @contextmanager
 def seeded_rngs(seed: int):
-    """Seed Python's, NumPy's and torch's CPU RNGs for the block; restore them after."""
-    states = random.getstate(), np.random.get_state(), torch.get_rng_state()
+    """Seed Python's, NumPy's and torch's CPU RNGs for the block.
+
+    In the main process the previous states are restored afterwards, so that training
+    randomness (dropout, Mixup) does not depend on the data; a DataLoader worker only
+    ever draws for samples, so it skips the save and restore (~0.2 ms a sample).
+    """
+    restore = get_worker_info() is None
+    if restore:
+        states = random.getstate(), np.random.get_state(), torch.get_rng_state()
     random.seed(seed)
     np.random.seed(seed)
     torch.random.default_generator.manual_seed(seed)  # CPU only: CUDA RNGs stay untouched
     try:
         yield
     finally:
-        random.setstate(states[0])
-        np.random.set_state(states[1])
-        torch.set_rng_state(states[2])
+        if restore:
+            random.setstate(states[0])
+            np.random.set_state(states[1])
+            torch.set_rng_state(states[2])
 
 
 class SeededTransform(Dataset):

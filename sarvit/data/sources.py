@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 from torch.utils.data import Dataset
 
-__all__ = ["DatasetNotFound", "RawDataset", "open_dataset", "DATASETS", "dataset_targets"]
+__all__ = ["DatasetNotFound", "UnreadableImage", "RawDataset", "open_dataset", "DATASETS", "dataset_targets"]
 
 DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 FASHION_MNIST_FILES = (
@@ -32,6 +32,24 @@ FASHION_MNIST_FILES = (
 
 class DatasetNotFound(FileNotFoundError):
     """A dataset is not where sarvit looked; the message lists the places and the remedy."""
+
+
+class UnreadableImage(ValueError):
+    """An image file that cannot be decoded; the message names the file."""
+
+
+def load_image(path: str):
+    """ImageFolder's loader, with an error that names the file and the way out."""
+    from PIL import Image
+
+    try:
+        with open(path, "rb") as f:
+            return Image.open(f).convert("RGB")
+    except (OSError, ValueError, Image.DecompressionBombError) as err:
+        raise UnreadableImage(
+            f"cannot read image {path} ({type(err).__name__}: {err}). Remove or replace the file; "
+            "a run continues from its last checkpoint with --resume auto"
+        ) from err
 
 
 @dataclass
@@ -196,7 +214,7 @@ def _image_folder(path: Path, split: str, classes: list[str] | None = None, name
             return classes, {c: i for i, c in enumerate(classes)}
 
     try:
-        ds = _Subset(str(folder))
+        ds = _Subset(str(folder), loader=load_image)
     except FileNotFoundError as err:  # a class folder without any image file
         raise DatasetNotFound(f"{folder}: {err}. Remove empty class folders or add their images.") from err
     return RawDataset(ds, dataset_targets(ds), list(classes), f"{name or 'imagefolder'} ({split}) at {folder}")
