@@ -15,8 +15,8 @@ setup: $(STAMP) $(SYSTEM_STAMP)
 
 $(STAMP): pyproject.toml $(TORCH_REQUIREMENTS)
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(if $(TORCH_REQUIREMENTS),$(PY) -m pip install --quiet -r $(TORCH_REQUIREMENTS))
-	$(PY) -m pip install --quiet -e ".[test]"
+	$(if $(TORCH_REQUIREMENTS),$(PY) -m pip install -qq -r $(TORCH_REQUIREMENTS))
+	$(PY) -m pip install -qq -e ".[test]"
 	@touch $@
 
 $(SYSTEM_STAMP): scripts/install-system-deps.sh | $(STAMP)

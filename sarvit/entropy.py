@@ -77,7 +77,10 @@ def spatial_entropy(
 
     slots = max_components(h, w, connectivity) + 1  # slot 0 collects the background
     mass = B.new_zeros(B.shape[0], slots).scatter_add(1, labels, B)[:, 1:]  # (M, k), Eq. 13
-    total = B.sum(dim=1, keepdim=True)  # (M, 1), |B^h|
+    # |B^h|: every positive entry of B lies in a component, so summing the component masses
+    # gives the same value, and a single component gets P = 1 (entropy exactly 0) without
+    # rounding between two summation orders.
+    total = mass.sum(dim=1, keepdim=True)  # (M, 1)
     P = mass / torch.where(total > 0, total, torch.ones_like(total))  # (M, k), Eq. 8
     # -P log P with 0 log 0 = 0; the inner `where` keeps the gradient finite at P = 0.
     positive = P > 0

@@ -63,15 +63,16 @@ def _train(cfg: TrainConfig, dist: Dist) -> dict[str, Any]:
     run_dir, resume_from = _prepare_run(cfg, dist)
     if cfg.deterministic:
         torch.use_deterministic_algorithms(True)
-    _seed_everything(cfg.seed + dist.rank)
     data = _build_data(cfg, dist, run_dir)
     layout = resolved_layout(cfg)
+    _seed_everything(cfg.seed)  # the same initial weights (and EMA copy) on every rank
     model = create_model(
         cfg.model, len(data.classes), img_size=cfg.img_size, drop_path=cfg.drop_path,
         model_kwargs=cfg.model_kwargs, layout=layout, query=cfg.query,
     ).to(dist.device)
     amp = _resolve_amp(cfg.amp, dist.device)
     optimizer, scheduler, scaler, ema, mixup, objective = _build_training(cfg, model, data, dist, amp)
+    _seed_everything(cfg.seed + dist.rank)  # drop-path and Mixup draw differently on each rank
     state = LoopState()
     if resume_from is not None:
         _restore(resume_from, cfg, dist, model, optimizer, scheduler, scaler, ema, state, len(data.classes))

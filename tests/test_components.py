@@ -15,7 +15,8 @@ SIZES = [(1, 1), (1, 9), (9, 1), (2, 2), (7, 7), (14, 14), (5, 11), (16, 9), (32
 def assert_matches_scipy(masks: np.ndarray, labels: torch.Tensor, connectivity: int) -> None:
     assert labels.dtype == torch.int64
     labels = labels.cpu().numpy()
-    for mask, got in zip(masks.reshape(-1, *masks.shape[-2:]), labels.reshape(-1, *labels.shape[-2:])):
+    h, w = masks.shape[-2:]
+    for mask, got in zip(masks.reshape(-1, h, w), labels.reshape(-1, h, w), strict=True):
         np.testing.assert_array_equal(got, scipy_labels(mask, connectivity))
 
 

@@ -149,5 +149,5 @@ def test_augmentation_depends_on_seed_epoch_and_index_only(image_folder):
     batches0 = [x for x, _ in loader0]
     batches2 = [x for x, _ in loader2]
     assert len(batches0) == 6 and len(batches2) == 4
-    for a, b in zip(batches0[2:], batches2):
+    for a, b in zip(batches0[2:], batches2, strict=True):
         assert torch.equal(a, b)

@@ -93,7 +93,7 @@ def test_number_of_components():
     S = torch.randn(5, 4, 9, 9)
     H, count = sarvit.spatial_entropy(S, return_num_components=True)
     assert count.dtype == torch.int64 and count.shape == (5, 4)
-    for s, c in zip(S.reshape(-1, 9, 9), count.reshape(-1)):
+    for s, c in zip(S.reshape(-1, 9, 9), count.reshape(-1), strict=True):
         assert scipy_labels((s > s.mean()).numpy(), 8).max() == c
 
 

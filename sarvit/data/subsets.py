@@ -28,7 +28,7 @@ def stratified_subset(
     if per_class is not None:
         if per_class < 1:
             raise ValueError(f"per_class must be a positive number of images, got {per_class}")
-        short = {int(c): int(n) for c, n in zip(classes, counts) if n < per_class}
+        short = {int(c): int(n) for c, n in zip(classes, counts, strict=True) if n < per_class}
         if short:
             raise ValueError(
                 f"--per-class {per_class} asks for more images than {len(short)} classes have "
@@ -38,7 +38,7 @@ def stratified_subset(
         raise ValueError(f"train_fraction must be in (0, 1], got {fraction}")
     rng = np.random.default_rng(seed)
     chosen = []
-    for c, n in zip(classes, counts):
+    for c, n in zip(classes, counts, strict=True):
         members = np.flatnonzero(targets == c)
         k = per_class if per_class is not None else max(1, int(round(fraction * n)))
         chosen.append(rng.choice(members, size=k, replace=False))
