@@ -30,8 +30,10 @@ demo: setup
 	$(VENV)/bin/sarvit demo
 
 bench: setup
+	$(PY) -m pip install -qq -e ".[test,bench]"
 	$(PY) benchmarks/spatial_entropy.py
-	$(PY) benchmarks/step_overhead.py
+	$(PY) benchmarks/step_overhead.py --model vit_tiny_patch16_224
+	$(PY) benchmarks/throughput.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info

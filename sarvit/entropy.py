@@ -83,9 +83,10 @@ def spatial_entropy(
     total = mass.sum(dim=1, keepdim=True)  # (M, 1)
     P = mass / torch.where(total > 0, total, torch.ones_like(total))  # (M, k), Eq. 8
     # -P log P with 0 log 0 = 0; the inner `where` keeps the gradient finite at P = 0.
+    # (Negating before the sum keeps a one-component map at +0, not -0.)
     positive = P > 0
-    plogp = torch.where(positive, P * torch.log(torch.where(positive, P, torch.ones_like(P))), 0.0)
-    H = -plogp.sum(dim=1).reshape(lead)  # (...), Eq. 7
+    terms = torch.where(positive, -P * torch.log(torch.where(positive, P, torch.ones_like(P))), 0.0)
+    H = terms.sum(dim=1).reshape(lead)  # (...), Eq. 7
     if return_num_components:
         return H, labels.amax(dim=1).reshape(lead)
     return H

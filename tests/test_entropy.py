@@ -83,6 +83,9 @@ def test_hand_computed_values():
     p = masses / masses.sum()
     expected = [0.0, math.log(2), float(-(p * p.log()).sum()), 0.0]
     torch.testing.assert_close(H, torch.tensor(expected, dtype=torch.float64))
+    assert H[0].item() == 0.0 and not torch.signbit(H[0])  # exactly +0 for one component, float64 ...
+    H32 = sarvit.spatial_entropy(one.float())
+    assert H32.item() == 0.0 and not torch.signbit(H32)  # ... and float32
     assert abs(expected[2] - 1.5 * math.log(2)) < 1e-12
     H4 = sarvit.spatial_entropy(diagonal, connectivity=4)
     torch.testing.assert_close(H4, torch.tensor(math.log(2), dtype=torch.float64))
