@@ -110,8 +110,8 @@ def save_checkpoint(
     os.symlink(name, link_tmp)
     os.replace(link_tmp, root / "last")
     _fsync_dir(root)
-    for old in root.glob("step-*"):  # only now is it safe to drop older checkpoints
-        if old.name != name:
+    for old in [*root.glob("step-*"), *root.glob(".step-*")]:  # only now is it safe to drop older
+        if old.name != name:  # checkpoints, and half-written ones a kill left behind
             shutil.rmtree(old, ignore_errors=True)
     return final
 

@@ -94,6 +94,7 @@ def train_one_epoch(
 
     net.train()
     device = dist.device
+    params = [p for g in optimizer.param_groups for p in g["params"]]  # for gradient clipping
     sums: dict[str, torch.Tensor] = {}
     steps = 0
     images = 0
@@ -117,13 +118,13 @@ def train_one_epoch(
             scaler.scale(terms["loss"]).backward()
             if clip_grad:
                 scaler.unscale_(optimizer)
-                dispatch_clip_grad([p for g in optimizer.param_groups for p in g["params"]], clip_grad)
+                dispatch_clip_grad(params, clip_grad)
             scaler.step(optimizer)
             scaler.update()
         else:
             terms["loss"].backward()
             if clip_grad:
-                dispatch_clip_grad([p for g in optimizer.param_groups for p in g["params"]], clip_grad)
+                dispatch_clip_grad(params, clip_grad)
             optimizer.step()
         if ema is not None:
             ema.update(_unwrap(net), step=state.global_step)
