@@ -33,7 +33,7 @@ def _metavar(name: str) -> str:
 
     if name in CHOICES:
         return "|".join(str(c) for c in CHOICES[name] if c is not None)
-    kind = _field_type(name)
+    kind, _ = _field_type(name)
     return {bool: "true|false", int: "N", float: "X", dict: "YAML", tuple: "LO,HI"}.get(kind, "TEXT")
 
 

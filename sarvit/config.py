@@ -117,19 +117,18 @@ def field_name(key: str) -> str:
     return key
 
 
-def _field_type(name: str):
-    """The non-None type of a field: ``int | None`` -> int."""
+def _field_type(name: str) -> tuple[type, bool]:
+    """The non-None type of a field and whether it admits None: ``int | None`` -> (int, True)."""
     hint = typing.get_type_hints(TrainConfig)[name]
     if typing.get_origin(hint) in (typing.Union, types.UnionType):
-        args = [a for a in typing.get_args(hint) if a is not type(None)]
-        return args[0]
-    return hint
+        args = typing.get_args(hint)
+        return next(a for a in args if a is not type(None)), type(None) in args
+    return hint, False
 
 
 def parse_value(name: str, value: Any) -> Any:
     """Convert a YAML or command-line value to the type of field ``name``."""
-    kind = _field_type(name)
-    optional = FIELDS[name].default is None or name in ("auto_augment", "clip_grad")
+    kind, optional = _field_type(name)
     if isinstance(value, str) and value.lower() in ("none", "null", "") and optional:
         return None
     if value is None:

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass, field
 import sys
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -21,7 +21,7 @@ from tqdm import tqdm
 from .distributed import Dist, all_reduce_sum
 from .entropy import spatial_entropy
 
-__all__ = ["TrainForward", "LoopState", "train_one_epoch", "evaluate", "autocast"]
+__all__ = ["TrainForward", "LoopState", "train_one_epoch", "evaluate", "autocast", "resolve_amp"]
 
 
 class TrainForward(nn.Module):
@@ -46,6 +46,15 @@ def _show_progress(dist: Dist) -> bool:
     return dist.main and sys.stderr.isatty()
 
 
+def resolve_amp(amp: str, device: torch.device) -> str:
+    """``auto`` -> bf16 on CUDA devices that support it, fp16 on older ones, none elsewhere."""
+    if amp == "auto":
+        if device.type != "cuda":
+            return "none"
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return amp
+
+
 def autocast(device: torch.device, amp: str):
     """The autocast context for ``amp`` in (none, bf16, fp16)."""
     if amp == "none":
@@ -62,7 +71,6 @@ class LoopState:
     global_step: int = 0
     best_top1: float = float("-inf")
     best_epoch: int = -1
-    history: list = field(default_factory=list)
 
 
 def train_one_epoch(

@@ -8,7 +8,7 @@ from typing import Any
 from .config import ConfigError
 from .data import SeededTransform, build_loader, build_transform, open_dataset
 from .distributed import init_distributed, shutdown
-from .engine import evaluate
+from .engine import evaluate, resolve_amp
 from .factory import load_model, resolve_weights
 
 __all__ = ["evaluate_checkpoint"]
@@ -56,16 +56,13 @@ def evaluate_checkpoint(
                 f"the model has {meta['num_classes']} classes but {data} has {raw.num_classes}; "
                 "evaluate on the dataset the model was trained for"
             )
-        name = data if not Path(data).is_dir() else "imagefolder"
         size = img_size or meta.get("img_size") or 224
-        transform = build_transform(name, size, False, interpolation=run.get("interpolation", "bicubic"),
+        transform = build_transform(data, size, False, interpolation=run.get("interpolation", "bicubic"),
                                     crop_pct=crop_pct or run.get("crop_pct", 0.875))
         loader, sampler = build_loader(SeededTransform(raw.dataset, transform, 0), batch_size, train=False, seed=0,
                                        rank=dist.rank, world=dist.world, workers=workers,
                                        pin_memory=dist.device.type == "cuda")
-        if amp == "auto":
-            amp = "bf16" if dist.device.type == "cuda" else "none"
-        metrics = evaluate(model, loader, dist, amp, desc=f"eval {data}")
+        metrics = evaluate(model, loader, dist, resolve_amp(amp, dist.device), desc=f"eval {data}")
         return {"weights": str(weights), "data": data, **metrics}
     finally:
         shutdown()

@@ -26,7 +26,7 @@ from . import checkpoint as ckpt
 from .config import ConfigError, TrainConfig, default_output, resolved_layout, to_dict
 from .data import SeededTransform, build_loader, build_transform, open_dataset, stratified_subset
 from .distributed import Dist, barrier, gather_objects, init_distributed, shutdown
-from .engine import LoopState, TrainForward, evaluate, train_one_epoch
+from .engine import LoopState, TrainForward, evaluate, resolve_amp, train_one_epoch
 from .factory import create_model
 from .objectives import SupervisedObjective, classification_loss, lambda_at
 from .runlog import RunLog, read_metrics
@@ -70,7 +70,7 @@ def _train(cfg: TrainConfig, dist: Dist) -> dict[str, Any]:
         cfg.model, len(data.classes), img_size=cfg.img_size, drop_path=cfg.drop_path,
         model_kwargs=cfg.model_kwargs, layout=layout, query=cfg.query,
     ).to(dist.device)
-    amp = _resolve_amp(cfg.amp, dist.device)
+    amp = resolve_amp(cfg.amp, dist.device)
     optimizer, scheduler, scaler, ema, mixup, objective = _build_training(cfg, model, data, dist, amp)
     _seed_everything(cfg.seed + dist.rank)  # drop-path and Mixup draw differently on each rank
     state = LoopState()
@@ -259,10 +259,9 @@ def _build_data(cfg: TrainConfig, dist: Dist, run_dir: Path) -> Data:
             ckpt.atomic_write(run_dir / "subset_indices.json", lambda tmp: tmp.write_text(json.dumps(record)))
     aug = dict(auto_augment=cfg.auto_augment, reprob=cfg.reprob, color_jitter=cfg.color_jitter, hflip=cfg.hflip,
                scale=cfg.scale, interpolation=cfg.interpolation)
-    dataset_name = cfg.data if not Path(cfg.data).is_dir() else "imagefolder"
-    train_ds = SeededTransform(raw_train.dataset, build_transform(dataset_name, cfg.img_size, True, **aug),
+    train_ds = SeededTransform(raw_train.dataset, build_transform(cfg.data, cfg.img_size, True, **aug),
                                cfg.seed, indices)
-    val_ds = SeededTransform(raw_val.dataset, build_transform(dataset_name, cfg.img_size, False,
+    val_ds = SeededTransform(raw_val.dataset, build_transform(cfg.data, cfg.img_size, False,
                                                               interpolation=cfg.interpolation, crop_pct=cfg.crop_pct),
                              cfg.seed)
     pin = dist.device.type == "cuda"
@@ -276,14 +275,6 @@ def _build_data(cfg: TrainConfig, dist: Dist, run_dir: Path) -> Data:
                           f"per process ({dist.world} processes); lower --batch-size")
     classes = raw_train.classes or [str(i) for i in range(int(raw_train.targets.max()) + 1)]
     return Data(train_loader, train_sampler, val_loader, val_sampler, classes, steps, len(train_ds), len(val_ds))
-
-
-def _resolve_amp(amp: str, device: torch.device) -> str:
-    if amp == "auto":
-        if device.type != "cuda":
-            return "none"
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    return amp
 
 
 def _build_training(cfg: TrainConfig, model, data: Data, dist: Dist, amp: str):

@@ -47,7 +47,8 @@ def build_transform(
     interpolation: str = "bicubic",
     crop_pct: float = 0.875,
 ):
-    """timm's training or evaluation transform, normalised with the dataset's statistics."""
+    """timm's training or evaluation transform, normalised with the statistics of ``dataset``
+    (a name of ``DATASET_STATS``; any other name or an ImageFolder path gets ImageNet's)."""
     from timm.data import create_transform
 
     mean, std = DATASET_STATS.get(dataset, IMAGENET_STATS)
