@@ -17,6 +17,8 @@ $(STAMP): pyproject.toml $(TORCH_REQUIREMENTS)
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(if $(TORCH_REQUIREMENTS),$(PY) -m pip install -qq -r $(TORCH_REQUIREMENTS))
 	$(PY) -m pip install -qq -e ".[test]"
+	# ImageNet-C corruptions; --no-deps: it asks for the GUI OpenCV build, sarvit ships the headless one
+	$(PY) -m pip install -qq --no-deps "imagecorruptions-imaug==1.1.5"
 	@touch $@
 
 $(SYSTEM_STAMP): scripts/install-system-deps.sh | $(STAMP)

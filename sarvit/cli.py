@@ -12,15 +12,17 @@ import dataclasses
 import json
 import os
 import sys
+import tempfile
 from pathlib import Path
 
 from . import __version__
-from .config import FIELDS, ConfigError, load_config
+from .config import CHOICES, FIELDS, RULES, ConfigError, check_field, load_config, parse_value
+from .errors import user_message
 
 __all__ = ["main", "build_parser"]
 
-# errors a user can act on: printed as one message, without a traceback
-USER_ERRORS = (ConfigError, FileNotFoundError, ValueError, TypeError)
+# `sarvit.errors.UserError` and environment faults (full disk, read-only folder) are printed
+# as one line without a traceback (`sarvit.errors.user_message`); anything else is a bug.
 
 
 # the options of `sarvit train`, in groups: (title, first field of the group)
@@ -28,8 +30,23 @@ TRAIN_GROUPS = (("data", "data"), ("model", "model"), ("SAR", "sar"), ("optimisa
                 ("augmentation and regularisation", "smoothing"), ("run", "seed"))
 
 
+def _checked(name: str):
+    """An argparse ``type``: read and range-check a value as the ``TrainConfig`` field ``name``."""
+
+    def convert(text: str):
+        try:
+            value = parse_value(name, text)
+            check_field(name, value)
+        except ConfigError as err:
+            raise argparse.ArgumentTypeError(str(err)) from None
+        return value
+
+    convert.__name__ = name
+    return convert
+
+
 def _metavar(name: str) -> str:
-    from .config import CHOICES, _field_type
+    from .config import _field_type
 
     if name in CHOICES:
         return "|".join(str(c) for c in CHOICES[name] if c is not None)
@@ -54,8 +71,10 @@ def _add_train(sub) -> None:
             group = p.add_argument_group(f"{starts[name]} options")
         flag = "--lambda" if name == "lambda_" else "--" + name.replace("_", "-")
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        rule = RULES[name]
+        admits = f"{rule.requirement()}; " if rule.range is not None else ""
         group.add_argument(flag, dest=name, default=argparse.SUPPRESS, metavar=_metavar(name),
-                           help=f"{f.metadata.get('help', '')} (default: {default})")
+                           help=f"{f.metadata.get('help', '')} ({admits}default: {default})")
 
 
 def _add_eval(sub) -> None:
@@ -69,13 +88,35 @@ def _add_eval(sub) -> None:
     p.add_argument("--which", default="best", choices=["best", "last", "best_ema"], help="weights of a run folder")
     p.add_argument("--data", help="dataset name or ImageFolder root (default: the one the model was trained on)")
     p.add_argument("--data-root", help="folder where the named dataset lies")
-    p.add_argument("--img-size", type=int, help="input resolution (default: the training resolution)")
-    p.add_argument("--crop-pct", type=float, default=None, help="centre-crop fraction (default: the run's)")
-    p.add_argument("--batch-size", type=int, default=256)
-    p.add_argument("--workers", type=int, default=4)
-    p.add_argument("--device", default="auto")
-    p.add_argument("--amp", default="auto", choices=["auto", "none", "bf16", "fp16"])
-    p.add_argument("--output", help="also write the metrics to this JSON file")
+    p.add_argument("--img-size", type=_checked("img_size"),
+                   help="input resolution (default: the training resolution; another one resamples the position "
+                   "embeddings)")
+    p.add_argument("--crop-pct", type=_checked("crop_pct"), default=None,
+                   help="centre-crop fraction (default: the run's)")
+    p.add_argument("--batch-size", type=_checked("batch_size"), default=256)
+    p.add_argument("--workers", type=_checked("workers"), default=4)
+    p.add_argument("--device", type=_checked("device"), default="auto", help="auto | cpu | cuda | cuda:N | mps")
+    p.add_argument("--amp", default="auto", choices=CHOICES["amp"])
+    p.add_argument("--output", help="also write the metrics to this JSON file (checked writable before the run)")
+    _add_robustness_options(p)
+
+
+def _add_robustness_options(p) -> None:
+    g = p.add_argument_group(
+        "robustness options",
+        "ImageNet-C style corruptions applied on the fly to any dataset, or the real ImageNet-C / ImageNet-A folders "
+        "(--data imagenet_c|imagenet_a --data-root DIR). Results go to corruptions.json (imagenet_c.json, "
+        "imagenet_a.json) in the run folder, or to --output.",
+    )
+    g.add_argument("--corruptions", nargs="?", const="common", metavar="LIST",
+                   help="evaluate under corruptions: common (the 15 of ImageNet-C, the default), validation (the 4 "
+                   "extra), all, or a comma-separated list of names")
+    g.add_argument("--severities", metavar="1,2,3,4,5", help="corruption severities (default: 1,2,3,4,5)")
+    g.add_argument("--corruption-reference", metavar="RUN_OR_JSON",
+                   help="normalise the corruption errors (CE, mCE) by a reference: a run folder evaluated with "
+                   "--corruptions, a JSON file of errors (%%), or alexnet (ImageNet-C's); without it the mean "
+                   "error is reported unnormalised")
+    g.add_argument("--seed", type=int, default=0, help="seed of the corruptions, drawn per image (default: 0)")
 
 
 def _add_demo(sub) -> None:
@@ -86,9 +127,90 @@ def _add_demo(sub) -> None:
         "same seed and budget), evaluate both on the 10,000 test images, and write a report folder.",
     )
     p.add_argument("--output", help="report folder (default: reports/demo-<date>-<time>)")
-    p.add_argument("--epochs", type=int, help="override the demo recipe's epochs")
-    p.add_argument("--per-class", type=int, help="override the demo recipe's images per class")
+    p.add_argument("--epochs", type=_checked("epochs"), help="override the demo recipe's epochs")
+    p.add_argument("--per-class", type=_checked("per_class"), help="override the demo recipe's images per class")
     p.add_argument("--resume", action="store_true", help="continue an interrupted demo in --output")
+
+
+def _add_attention(sub) -> None:
+    p = sub.add_parser(
+        "attention",
+        help="draw the last block's attention, 60%%-mass masks and components of checkpoints, per head",
+        description="One row pair per image, one column group per checkpoint, one column per head: the post-softmax "
+        "[CLS] attention with the outline of its 60%% mass, and the connected components of ReLU(S - mean). Images "
+        "are resized to --img-size without a crop; checkpoints trained at another size are resampled.",
+        epilog="example: sarvit attention --checkpoint runs/baseline --checkpoint runs/sar --data voc2012 "
+        "--data-root ~/data --images 4 --img-size 480 --output attention.png",
+    )
+    p.add_argument("--checkpoint", action="append", required=True, help="run folder or weights file; repeat to compare")
+    p.add_argument("--data", help="dataset name, ImageFolder root, voc2012, or a folder with images/ and masks/")
+    p.add_argument("--data-root", help="folder where the named dataset lies")
+    p.add_argument("--images", type=int, default=4, help="number of images (evenly spaced over the split; default 4)")
+    p.add_argument("--image-dir", help="a folder of image files to draw instead of --data")
+    p.add_argument("--img-size", type=int, help="input size (default: the first checkpoint's training size)")
+    p.add_argument("--which", default="best", choices=["best", "last", "best_ema"], help="weights of a run folder")
+    p.add_argument("--mass", type=float, default=0.6, help="attention mass the outline keeps (default 0.6)")
+    p.add_argument("--model", help="timm architecture, only for weights not written by sarvit")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--output", required=True, help="the PNG file to write")
+
+
+def _add_jaccard(sub) -> None:
+    p = sub.add_parser(
+        "jaccard",
+        help="Jaccard similarity of the thresholded attention with object masks (Table 11 protocol)",
+        description="Per head keep 60%% of the post-softmax [CLS] attention mass at --img-size x --img-size, upsample "
+        "it by the patch size, take the best IoU over heads for each object class of an image (0 and 255 excluded), "
+        "average over the objects, then over the images. Void pixels (255) count in the union, as in the published "
+        "evaluation, unless --void-fix.",
+        epilog="example: sarvit jaccard --checkpoint runs/sar --data voc2012 --data-root ~/data --output sar-voc.csv",
+    )
+    p.add_argument("--checkpoint", required=True, help="run folder or weights file")
+    p.add_argument("--data", required=True, help="voc2012, or a folder with images/ and masks/ (same stems)")
+    p.add_argument("--data-root", help="for voc2012: the folder holding VOCdevkit/VOC2012 (or VOC2012)")
+    p.add_argument("--img-size", type=int, default=480, help="input size, a multiple of the patch size (default 480)")
+    p.add_argument("--void-fix", action="store_true", help="leave void pixels out of intersection and union")
+    p.add_argument("--mass", type=float, default=0.6, help="attention mass each head keeps (default 0.6)")
+    p.add_argument("--which", default="best", choices=["best", "last", "best_ema"], help="weights of a run folder")
+    p.add_argument("--model", help="timm architecture, only for weights not written by sarvit")
+    p.add_argument("--output", help="per-image CSV (default: jaccard-<data>-<size>[-voidfix].csv in the run folder)")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--device", default="auto")
+
+
+def _add_curves(sub) -> None:
+    p = sub.add_parser("curves", help="draw a run's training curves into RUN/curves.png",
+                       description="Loss terms, validation top-1, spatial entropy and components per head "
+                       "against epochs, from RUN/metrics.jsonl.")
+    p.add_argument("run", metavar="RUN", help="run folder (holds metrics.jsonl)")
+
+
+def _add_data(sub) -> None:
+    p = sub.add_parser("data", help="build the offline benchmark datasets",
+                       description="Build benchmark datasets from data that ships offline.")
+    datasets = p.add_subparsers(dest="dataset", metavar="DATASET", required=True)
+    s = datasets.add_parser(
+        "stamps",
+        help="a masked classification + segmentation benchmark from Tux Paint's photographic stamps",
+        description="Paste the photographic cut-outs of the Debian package tuxpaint-stamps-default (7 classes, split "
+        "by object) on random crops of real photographs bundled with scikit-image and scikit-learn. Writes train/ "
+        "and val/ (an ImageFolder for `sarvit train --data DIR`), images/ + masks/ of the val images (class ids, "
+        "255 void, for `sarvit jaccard --data DIR`), annotations.json (COCO boxes and RLE masks) and a README. "
+        "Same seed, same bytes; an existing non-empty DIR is never overwritten.",
+        epilog="example: sarvit data stamps --output data/stamps && "
+        "sarvit train --config stamps_cpu --data data/stamps --output runs/stamps-sar",
+    )
+    s.add_argument("--output", required=True, metavar="DIR", help="the dataset folder to create (absent or empty)")
+    # defaults live in sarvit.data.stamps.build_stamps (imported only when the command runs)
+    s.add_argument("--seed", type=int, default=argparse.SUPPRESS, metavar="N", help="split, objects and composition (default: 0)")
+    s.add_argument("--size", type=int, default=argparse.SUPPRESS, metavar="PX", help="image side (default: 224)")
+    s.add_argument("--train-per-class", type=int, default=argparse.SUPPRESS, metavar="N",
+                   help="training images per class (default: 100)")
+    s.add_argument("--val-per-class", type=int, default=argparse.SUPPRESS, metavar="N",
+                   help="validation images per class (default: 30)")
+    s.add_argument("--stamps-dir", default=argparse.SUPPRESS, metavar="DIR",
+                   help="the Tux Paint stamps (default: /usr/share/tuxpaint/stamps)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -101,28 +223,78 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train(sub)
     _add_eval(sub)
     _add_demo(sub)
+    _add_attention(sub)
+    _add_jaccard(sub)
+    _add_curves(sub)
+    _add_data(sub)
     sub.add_parser("recipes", help="list the YAML recipes shipped with sarvit")
     return parser
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
+    overrides = {k: v for k, v in vars(args).items() if k in FIELDS}
+    if args.config and "output" not in overrides:
+        from .runs import RunFolder
+
+        recipe = Path(args.config).expanduser()
+        if recipe.name == "config.yaml" and RunFolder(recipe.parent).holds_run():
+            # a run's own options: the run is where that file lies now, not where it was written
+            overrides["output"] = str(recipe.parent.resolve())
+    cfg = load_config(args.config, overrides)  # option errors answer before torch is imported
     from .train import train
 
-    overrides = {k: v for k, v in vars(args).items() if k in FIELDS}
-    train(load_config(args.config, overrides))
+    train(cfg)
     return 0
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
+    if args.output:
+        _check_writable_file(args.output)  # before minutes of evaluation, not after
     from .evaluation import evaluate_checkpoint
 
+    if args.corruptions is not None or args.data in ("imagenet_c", "imagenet_a"):
+        return _cmd_eval_corruptions(args)
+    if args.severities or args.corruption_reference:
+        raise ConfigError("--severities and --corruption-reference need --corruptions")
     metrics = evaluate_checkpoint(
         args.checkpoint, which=args.which, data=args.data, data_root=args.data_root, img_size=args.img_size,
         crop_pct=args.crop_pct, batch_size=args.batch_size, workers=args.workers, device=args.device, amp=args.amp,
     )
-    print(json.dumps(metrics, indent=2))
+    text = json.dumps(metrics, indent=2)
+    print(text)
     if args.output:
-        Path(args.output).write_text(json.dumps(metrics, indent=2))
+        from .checkpoint import atomic_write
+
+        atomic_write(args.output, lambda tmp: tmp.write_text(text))
+    return 0
+
+
+def _check_writable_file(path: str) -> None:
+    """Raise ``ConfigError`` unless a file can be written at ``path`` (its folder is created)."""
+    target = Path(path)
+    if target.is_dir():
+        raise ConfigError(f"--output {path} is a folder; give a file name, e.g. {target / 'metrics.json'}")
+    existing = next(p for p in target.absolute().parents if p.exists())
+    if not existing.is_dir():
+        raise ConfigError(f"cannot write --output {path}: {existing} is a file, not a folder")
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=target.parent, prefix=f".{target.name}.", suffix=".probe"):
+            pass
+    except OSError as err:
+        raise ConfigError(f"cannot write --output {path}: {err.strerror or err}; choose a file in a writable "
+                          "folder") from None
+
+
+def _cmd_eval_corruptions(args: argparse.Namespace) -> int:
+    from .robustness import evaluate_checkpoint_corruptions
+
+    evaluate_checkpoint_corruptions(
+        args.checkpoint, which=args.which, data=args.data, data_root=args.data_root, img_size=args.img_size,
+        crop_pct=args.crop_pct, corruptions=args.corruptions, severities=args.severities,
+        reference=args.corruption_reference, seed=args.seed, batch_size=args.batch_size, workers=args.workers,
+        device=args.device, amp=args.amp, output=args.output,
+    )
     return 0
 
 
@@ -147,35 +319,68 @@ def _cmd_recipes(args: argparse.Namespace) -> int:
     return 0
 
 
-def _message(err: BaseException) -> str:
-    """The error's own words; a DataLoader worker's re-raised error carries a traceback
-    in its message, of which only the last line is the error."""
-    text = str(err)
-    if "Original Traceback" in text:
-        last = text.strip().splitlines()[-1]
-        return last.split(": ", 1)[1] if ": " in last else last
-    return text
+def _cmd_attention(args: argparse.Namespace) -> int:
+    from .analysis.gallery import attention_figure
+
+    path = attention_figure(args.checkpoint, args.output, data=args.data, data_root=args.data_root, count=args.images,
+                            image_dir=args.image_dir, img_size=args.img_size, which=args.which, mass=args.mass,
+                            model_name=args.model, device=args.device)
+    print(f"attention figure: {path}")
+    return 0
+
+
+def _cmd_jaccard(args: argparse.Namespace) -> int:
+    from .analysis.protocol import default_output, run_jaccard
+
+    output = args.output or default_output(args.checkpoint, args.data, args.img_size, args.void_fix)
+    summary, _ = run_jaccard(args.checkpoint, args.data, data_root=args.data_root, img_size=args.img_size,
+                             void_fix=args.void_fix, mass=args.mass, which=args.which, output=output,
+                             batch_size=args.batch_size, workers=args.workers, device=args.device,
+                             model_name=args.model)
+    print(f"Jaccard {summary.jaccard:.4f} over {summary.images_scored} images and {summary.objects} objects "
+          f"({summary.images - summary.images_scored} of {summary.images} images without objects left out); "
+          f"{args.mass:.0%} mass, {args.img_size}x{args.img_size}, {summary.void_mode}")
+    if output:
+        print(f"per-image results: {output}")
+    return 0
+
+
+def _cmd_curves(args: argparse.Namespace) -> int:
+    from .analysis.curves import write_curves
+
+    print(f"curves: {write_curves(args.run)}")
+    return 0
+
+
+def _cmd_data(args: argparse.Namespace) -> int:
+    from .data.stamps import build_stamps
+
+    names = ("seed", "size", "train_per_class", "val_per_class", "stamps_dir")
+    summary = build_stamps(args.output, **{k: getattr(args, k) for k in names if hasattr(args, k)})
+    print(summary.text())
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    commands = {"train": _cmd_train, "eval": _cmd_eval, "demo": _cmd_demo, "recipes": _cmd_recipes}
+    commands = {"train": _cmd_train, "eval": _cmd_eval, "demo": _cmd_demo, "recipes": _cmd_recipes,
+                "attention": _cmd_attention, "jaccard": _cmd_jaccard, "curves": _cmd_curves, "data": _cmd_data}
     if args.command is None:
         parser.print_help()
         return 2
     try:
         return commands[args.command](args)
-    except USER_ERRORS as err:
-        if os.environ.get("SARVIT_DEBUG"):
-            raise
-        print(f"sarvit {args.command}: error: {_message(err)}\n(set SARVIT_DEBUG=1 to see the traceback)",
-              file=sys.stderr)
-        return 2
     except KeyboardInterrupt:
         print(f"sarvit {args.command}: interrupted; `--resume auto` continues from the last checkpoint",
               file=sys.stderr)
         return 130
+    except Exception as err:
+        message = None if os.environ.get("SARVIT_DEBUG", "") not in ("", "0") else user_message(err)
+        if message is None:  # a bug, or SARVIT_DEBUG=1: the traceback
+            raise
+        print(f"sarvit {args.command}: error: {message}\n(set SARVIT_DEBUG=1 to see the traceback)", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

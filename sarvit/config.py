@@ -4,111 +4,249 @@ One flat dataclass, ``TrainConfig``. A YAML recipe sets any subset of its fields
 key ``lambda`` is the field ``lambda_``); ``--key value`` options on the command line
 override them; ``validate`` rejects values that would silently change the experiment.
 The resolved configuration is written into the run folder as ``config.yaml``.
+
+Every field declares, beside its default and help, the values it admits (``option(...,
+range=..., choices=..., check=...)``): ``validate`` checks each field against that one
+declaration, without importing torch or timm. ``validate_with_libraries`` adds the
+checks only timm can make (augmentation policy, optimizer, scheduler, model).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
+import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import yaml
 
-__all__ = ["TrainConfig", "ConfigError", "load_config", "apply_overrides", "validate", "to_dict", "parse_value", "recipe_path"]
+from .errors import ConfigError
+
+__all__ = [
+    "TrainConfig", "ConfigError", "Rule", "load_config", "apply_overrides", "validate", "validate_with_libraries",
+    "check_field", "to_dict", "parse_value", "recipe_path",
+]
 
 
-def option(default: Any, help: str = "") -> Any:
-    """A config field with its command-line help."""
+# --- what a field admits ------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Rule:
+    """The values a field admits: an interval, a list of choices and/or a grammar.
+
+    ``range = (lo, hi, brackets)``: ``lo``/``hi`` may be None (unbounded); brackets
+    ``"[]"``, ``"[)"``, ``"(]"`` or ``"()"`` say which ends are allowed. Floats must
+    also be finite. ``check(value)`` returns what the value must be when it is wrong,
+    else None.
+    """
+
+    range: tuple | None = None
+    choices: tuple | None = None
+    check: Callable[[Any], str | None] | None = None
+
+    def requirement(self) -> str:
+        """``"in [0, 1)"``, ``">= 1"``, ``"one of a, b"``: what the rule asks, in words."""
+        if self.choices is not None:
+            return "one of " + ", ".join(str(c) for c in self.choices if c is not None)
+        if self.range is None:
+            return ""
+        lo, hi, brackets = self.range
+        if hi is None:
+            return f"{'>=' if brackets[0] == '[' else '>'} {lo}"
+        if lo is None:
+            return f"{'<=' if brackets[1] == ']' else '<'} {hi}"
+        return f"in {brackets[0]}{lo}, {hi}{brackets[1]}"
+
+    def problem(self, value: Any) -> str | None:
+        """What ``value`` must be, when it breaks the rule; None when it is fine."""
+        if isinstance(value, float) and not math.isfinite(value):
+            return " ".join(("a finite number", self.requirement())).strip()
+        if self.choices is not None and value not in self.choices:
+            return self.requirement()
+        if self.range is not None and not _in_range(value, *self.range):
+            return self.requirement()
+        if self.check is not None:
+            return self.check(value)
+        return None
+
+
+def _in_range(value: float, lo: float | None, hi: float | None, brackets: str) -> bool:
+    above = lo is None or (value >= lo if brackets[0] == "[" else value > lo)
+    below = hi is None or (value <= hi if brackets[1] == "]" else value < hi)
+    return above and below
+
+
+def option(default: Any, help: str = "", *, range: tuple | None = None, choices: tuple | None = None,
+           check: Callable[[Any], str | None] | None = None) -> Any:
+    """A config field with its command-line help and the values it admits (see :class:`Rule`)."""
+    if range is not None and len(range) == 2:
+        range = (*range, "[]")
+    metadata = {"help": help, "rule": Rule(range, choices, check)}
     if isinstance(default, (dict, list)):
-        return field(default_factory=lambda: type(default)(default), metadata={"help": help})
-    return field(default=default, metadata={"help": help})
+        return field(default_factory=lambda: type(default)(default), metadata=metadata)
+    return field(default=default, metadata=metadata)
 
 
-class ConfigError(ValueError):
-    """A configuration value is wrong; the message says which and what to do."""
+# intervals used below
+POSITIVE = (0, None, "()")
+NON_NEGATIVE = (0, None, "[)")
+AT_LEAST_ONE = (1, None, "[)")
+PROBABILITY = (0, 1, "[]")
+FRACTION = (0, 1, "(]")
+OPEN_UNIT = (0, 1, "()")
+HALF_OPEN_UNIT = (0, 1, "[)")
+SEED = (0, 2**32 - 1, "[]")
+
+INTERPOLATIONS = ("bilinear", "bicubic", "nearest", "lanczos", "box", "hamming")
+DEVICE_SYNTAX = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
+
+
+def _non_empty(value: str) -> str | None:
+    return None if value.strip() else "a non-empty text"
+
+
+def _name(value: str) -> str | None:
+    return None if re.fullmatch(r"[A-Za-z0-9_]+", value) else "a name of letters, digits and underscores"
+
+
+def _device(value: str) -> str | None:
+    return None if DEVICE_SYNTAX.fullmatch(value) else "auto, cpu, cuda, cuda:N (N a GPU index) or mps"
+
+
+# timm's augmentation grammar: "<policy>-<key><value>-...", see timm.data.auto_augment
+_INT, _FLOAT, _BIT = r"\d+", r"\d+(\.\d+)?", r"[01]"
+_SHOWN_PATTERN = {_INT: "N", _FLOAT: "X", _BIT: "0|1"}
+AUTO_AUGMENT_KEYS = {
+    "rand": {"mstd": _FLOAT, "mmax": _INT, "inc": _BIT, "m": _INT, "n": _INT, "p": _FLOAT, "t": r"weights|3aw|3a"},
+    "augmix": {"mstd": _FLOAT, "m": _INT, "w": _INT, "d": _INT, "a": _FLOAT, "b": _BIT},
+    **{policy: {"mstd": _FLOAT} for policy in ("original", "originalr", "v0", "v0r", "3a")},
+}
+
+
+def _auto_augment(value: str) -> str | None:
+    head, *sections = value.split("-")
+    if head not in AUTO_AUGMENT_KEYS:
+        return ("none, rand-<sections> (RandAugment, e.g. rand-m9-mstd0.5-inc1), augmix-<sections> or an "
+                "AutoAugment policy (original, originalr, v0, v0r, 3a)")
+    keys = AUTO_AUGMENT_KEYS[head]
+    for section in sections:
+        key = next((k for k in keys if section.startswith(k) and re.fullmatch(keys[k], section[len(k):])), None)
+        if key is None:
+            shown = " ".join(f"{k}<{_SHOWN_PATTERN.get(keys[k], keys[k])}>" for k in keys)
+            return f"{head}-<sections> with sections among {shown} ({section!r} is none of them)"
+        if key == "p" and float(section[1:]) > 1:
+            return f"{head}-<sections> with a probability p<= 1 ({section!r} is more)"
+    return None
+
+
+def _model_kwargs(value: dict) -> str | None:
+    reserved = {"num_classes": "the dataset sets it", "img_size": "use --img-size", "drop_path_rate": "use --drop-path",
+                "pretrained": "sarvit creates models without pretrained weights"}
+    for key in value:
+        if not isinstance(key, str):
+            return f"a mapping of argument names to values; {key!r} is not a name"
+        if key in reserved:
+            return f"free of {key} ({reserved[key]})"
+    return None
+
+
+def _scale(value: tuple) -> str | None:
+    ok = len(value) == 2 and all(math.isfinite(v) for v in value) and 0 < value[0] <= value[1] <= 1
+    return None if ok else "two numbers 0 < lo <= hi <= 1"
 
 
 @dataclass
 class TrainConfig:
     # --- data -------------------------------------------------------------------------
     data: str = option("fashion_mnist", "dataset name (cifar10, cifar100, flowers102, oxford_pets, stanford_cars, "
-                       "imagenet, imagenet100, fashion_mnist) or an ImageFolder root with train/ and val/")
-    data_root: str | None = option(None, "folder where the named dataset lies")
+                       "imagenet, imagenet100, fashion_mnist) or an ImageFolder root with train/ and val/",
+                       check=_non_empty)
+    data_root: str | None = option(None, "folder where the named dataset lies", check=_non_empty)
     download: bool = option(False, "let torchvision download the datasets it can fetch")
-    img_size: int = option(224, "input resolution")
-    per_class: int | None = option(None, "train on a stratified subset of N images per class")
-    train_fraction: float | None = option(None, "train on a stratified subset: this fraction of every class")
-    workers: int = option(4, "data-loading processes per training process")
+    img_size: int = option(224, "input resolution (a multiple of the model's patch size)", range=AT_LEAST_ONE)
+    per_class: int | None = option(None, "train on a stratified subset of N images per class", range=AT_LEAST_ONE)
+    train_fraction: float | None = option(None, "train on a stratified subset: this fraction of every class",
+                                          range=FRACTION)
+    workers: int = option(4, "data-loading processes per training process", range=NON_NEGATIVE)
     # --- model ------------------------------------------------------------------------
-    model: str = option("vit_small_patch16_224", "timm model name (a VisionTransformer)")
-    model_kwargs: dict = option({}, "extra timm.create_model arguments, e.g. '{depth: 6, patch_size: 2}'")
-    drop_path: float = option(0.1, "stochastic depth rate")
+    model: str = option("vit_small_patch16_224", "timm model name (a VisionTransformer)", check=_non_empty)
+    model_kwargs: dict = option({}, "extra timm.create_model arguments, e.g. '{depth: 6, patch_size: 2}'",
+                                check=_model_kwargs)
+    drop_path: float = option(0.1, "stochastic depth rate", range=HALF_OPEN_UNIT)
     # --- SAR ----------------------------------------------------------------------------
     sar: bool = option(True, "add lambda * L_se to the loss (false: the plain baseline)")
-    lambda_: float = option(0.01, "weight of the spatial-entropy term")
-    lambda_schedule: str = option("constant", "constant (the paper) | warmup_cosine (the published code)")
-    lambda_warmup_epochs: int = option(10, "linear lambda warm-up length for warmup_cosine")
-    layout: str | None = option(None, "last block, a row of Table 1(b): A|B|C|D; default C with SAR, A without")
-    query: str = option("auto", "query of the similarity maps: auto | cls | mean")
+    lambda_: float = option(0.01, "weight of the spatial-entropy term", range=NON_NEGATIVE)
+    lambda_schedule: str = option("constant", "constant (the paper) | warmup_cosine (the published code)",
+                                  choices=("constant", "warmup_cosine"))
+    lambda_warmup_epochs: int = option(10, "linear lambda warm-up length for warmup_cosine", range=NON_NEGATIVE)
+    layout: str | None = option(None, "last block, a row of Table 1(b): A|B|C|D; default C with SAR, A without",
+                                choices=(None, "A", "B", "C", "D", "standard", "no_msa_skip", "sar", "no_skips"))
+    query: str = option("auto", "query of the similarity maps: auto | cls | mean", choices=("auto", "cls", "mean"))
     # --- optimisation (DeiT) -------------------------------------------------------------
-    epochs: int = option(300, "training epochs")
-    batch_size: int = option(128, "batch size per process")
-    lr: float | None = option(None, "learning rate; default base_lr * global batch / 512")
-    base_lr: float = option(5e-4, "learning rate for a global batch of 512")
-    opt: str = option("adamw", "timm optimizer name")
-    weight_decay: float = option(0.05, "weight decay (not on norms and biases)")
-    momentum: float = option(0.9, "momentum, for optimizers that use it")
-    clip_grad: float | None = option(None, "clip the gradient norm to this value")
-    sched: str = option("cosine", "timm learning-rate schedule")
-    warmup_epochs: int = option(5, "linear learning-rate warm-up epochs")
-    warmup_lr: float = option(1e-6, "learning rate at the start of the warm-up")
-    min_lr: float = option(1e-5, "learning rate at the end of the schedule")
+    epochs: int = option(300, "training epochs", range=AT_LEAST_ONE)
+    batch_size: int = option(128, "batch size per process", range=AT_LEAST_ONE)
+    lr: float | None = option(None, "learning rate; default base_lr * global batch / 512", range=POSITIVE)
+    base_lr: float = option(5e-4, "learning rate for a global batch of 512", range=POSITIVE)
+    opt: str = option("adamw", "timm optimizer name", check=_name)
+    weight_decay: float = option(0.05, "weight decay (not on norms and biases)", range=NON_NEGATIVE)
+    momentum: float = option(0.9, "momentum, for optimizers that use it", range=HALF_OPEN_UNIT)
+    clip_grad: float | None = option(None, "clip the gradient norm to this value", range=POSITIVE)
+    sched: str = option("cosine", "timm learning-rate schedule", check=_name)
+    warmup_epochs: int = option(5, "linear learning-rate warm-up epochs", range=NON_NEGATIVE)
+    warmup_lr: float = option(1e-6, "learning rate at the start of the warm-up", range=NON_NEGATIVE)
+    min_lr: float = option(1e-5, "learning rate at the end of the schedule", range=NON_NEGATIVE)
     # --- augmentation and regularisation -------------------------------------------------
-    smoothing: float = option(0.1, "label smoothing")
-    mixup: float = option(0.8, "Mixup alpha (0: off)")
-    cutmix: float = option(1.0, "CutMix alpha (0: off)")
-    mixup_prob: float = option(1.0, "probability of mixing a batch")
-    mixup_switch_prob: float = option(0.5, "probability of CutMix instead of Mixup")
-    auto_augment: str | None = option("rand-m9-mstd0.5-inc1", "timm RandAugment policy (none: off)")
-    reprob: float = option(0.25, "random-erasing probability")
-    color_jitter: float = option(0.3, "colour jitter (used when auto_augment is off)")
-    hflip: float = option(0.5, "horizontal-flip probability")
-    scale: tuple = option((0.08, 1.0), "random-resized-crop area range, e.g. 0.08,1")
-    interpolation: str = option("bicubic", "resize interpolation")
-    crop_pct: float = option(0.875, "evaluation centre-crop fraction")
+    smoothing: float = option(0.1, "label smoothing", range=HALF_OPEN_UNIT)
+    mixup: float = option(0.8, "Mixup alpha (0: off)", range=NON_NEGATIVE)
+    cutmix: float = option(1.0, "CutMix alpha (0: off)", range=NON_NEGATIVE)
+    mixup_prob: float = option(1.0, "probability of mixing a batch", range=PROBABILITY)
+    mixup_switch_prob: float = option(0.5, "probability of CutMix instead of Mixup", range=PROBABILITY)
+    auto_augment: str | None = option("rand-m9-mstd0.5-inc1", "timm RandAugment policy (none: off)",
+                                      check=_auto_augment)
+    reprob: float = option(0.25, "random-erasing probability", range=PROBABILITY)
+    color_jitter: float = option(0.3, "colour jitter (used when auto_augment is off)", range=NON_NEGATIVE)
+    hflip: float = option(0.5, "horizontal-flip probability", range=PROBABILITY)
+    scale: tuple = option((0.08, 1.0), "random-resized-crop area range, e.g. 0.08,1", check=_scale)
+    interpolation: str = option("bicubic", "resize interpolation, of the training crops and the evaluation images",
+                                choices=INTERPOLATIONS)
+    crop_pct: float = option(0.875, "evaluation centre-crop fraction", range=FRACTION)
     model_ema: bool = option(False, "keep an exponential moving average of the weights")
-    model_ema_decay: float = option(0.99996, "EMA decay per step")
+    model_ema_decay: float = option(0.99996, "EMA decay per step", range=OPEN_UNIT)
     # --- run ----------------------------------------------------------------------------
-    seed: int = option(0, "seed of the initialisation, the subset, the data order and the augmentation")
-    device: str = option("auto", "auto | cpu | cuda | cuda:N | mps")
-    amp: str = option("auto", "auto (bf16 on CUDA when supported, else fp16; none on CPU) | none | bf16 | fp16")
+    seed: int = option(0, "seed of the initialisation, the subset, the data order and the augmentation", range=SEED)
+    device: str = option("auto", "auto | cpu | cuda | cuda:N | mps", check=_device)
+    amp: str = option("auto", "auto (bf16 on CUDA when supported, else fp16; none on CPU) | none | bf16 | fp16",
+                      choices=("auto", "none", "bf16", "fp16"))
     compile: bool = option(False, "torch.compile the training forward")
-    output: str | None = option(None, "run folder; default runs/<data>-<model>-<sar|baseline>-seed<seed>")
-    resume: str | None = option(None, "auto (continue --output if it has a checkpoint) | a run or checkpoint folder")
-    checkpoint_interval: int = option(0, "also checkpoint every N optimizer steps inside an epoch (0: epoch ends)")
-    eval_interval: int = option(1, "evaluate every N epochs (and always after the last)")
-    log_interval: int = option(20, "refresh the progress bar every N steps (one host sync each)")
+    output: str | None = option(None, "run folder; default runs/<data>-<model>-<sar|baseline>-seed<seed>",
+                                check=_non_empty)
+    resume: str | None = option(None, "auto (continue --output if it has a checkpoint) | a run or checkpoint folder",
+                                check=_non_empty)
+    checkpoint_interval: int = option(0, "also checkpoint every N optimizer steps inside an epoch (0: epoch ends)",
+                                      range=NON_NEGATIVE)
+    eval_interval: int = option(1, "evaluate every N epochs (and always after the last)", range=AT_LEAST_ONE)
+    log_interval: int = option(20, "refresh the progress bar every N steps (one host sync each)", range=AT_LEAST_ONE)
     deterministic: bool = option(False, "torch.use_deterministic_algorithms(True)")
+    extend: bool = option(False, "with --resume: continue a run for more --epochs (schedules follow the new length)")
 
 
 FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
+RULES: dict[str, Rule] = {name: f.metadata["rule"] for name, f in FIELDS.items()}
+CHOICES = {name: rule.choices for name, rule in RULES.items() if rule.choices is not None}
 _KEY_ALIASES = {"lambda": "lambda_"}
-CHOICES = {
-    "lambda_schedule": ("constant", "warmup_cosine"),
-    "amp": ("auto", "none", "bf16", "fp16"),
-    "query": ("auto", "cls", "mean"),
-    "layout": (None, "A", "B", "C", "D", "standard", "no_msa_skip", "sar", "no_skips"),
-}
 
 
-def field_name(key: str) -> str:
+def field_name(key: Any) -> str:
     """``"batch-size"`` / ``"batch_size"`` / ``"lambda"`` -> the dataclass field name."""
-    key = key.replace("-", "_")
+    key = str(key).replace("-", "_")
     key = _KEY_ALIASES.get(key, key)
     if key not in FIELDS:
         close = difflib.get_close_matches(key, list(FIELDS) + ["lambda"], n=3)
@@ -117,6 +255,12 @@ def field_name(key: str) -> str:
     return key
 
 
+def shown_name(name: str) -> str:
+    """The name users write: ``lambda`` for the field ``lambda_``."""
+    return "lambda" if name == "lambda_" else name
+
+
+@functools.cache
 def _field_type(name: str) -> tuple[type, bool]:
     """The non-None type of a field and whether it admits None: ``int | None`` -> (int, True)."""
     hint = typing.get_type_hints(TrainConfig)[name]
@@ -124,6 +268,13 @@ def _field_type(name: str) -> tuple[type, bool]:
         args = typing.get_args(hint)
         return next(a for a in args if a is not type(None)), type(None) in args
     return hint, False
+
+
+def _yaml_problem(err: yaml.YAMLError) -> str:
+    """``"line 3, column 7: mapping values are not allowed here"`` from a YAML error."""
+    mark = getattr(err, "problem_mark", None)
+    where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+    return where + (getattr(err, "problem", None) or str(err).splitlines()[0])
 
 
 def parse_value(name: str, value: Any) -> Any:
@@ -134,34 +285,45 @@ def parse_value(name: str, value: Any) -> Any:
     if value is None:
         if optional:
             return None
-        raise ConfigError(f"{name} cannot be empty")
+        raise ConfigError(f"{shown_name(name)} cannot be empty")
     try:
-        if kind is bool:
-            if isinstance(value, bool):
-                return value
-            text = str(value).lower()
-            if text in ("true", "yes", "1", "on"):
-                return True
-            if text in ("false", "no", "0", "off"):
-                return False
-            raise ValueError(value)
-        if kind is int:
-            if isinstance(value, float) and not value.is_integer():
-                raise ValueError(value)
-            return int(value)
-        if kind is float:
-            return float(value)
-        if kind is dict:
-            value = yaml.safe_load(value) if isinstance(value, str) else value
-            if not isinstance(value, dict):
-                raise ValueError(value)
+        return _convert(kind, value)
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{shown_name(name)}: malformed YAML {value!r} ({_yaml_problem(err)}); "
+                          "write a mapping such as '{depth: 6, patch_size: 2}'") from None
+    except (TypeError, ValueError, OverflowError):
+        raise ConfigError(f"{shown_name(name)}: cannot read {value!r} as {kind.__name__}") from None
+
+
+def _convert(kind: type, value: Any) -> Any:
+    if kind is bool:
+        if isinstance(value, bool):
             return value
-        if kind is tuple:
-            items = value.split(",") if isinstance(value, str) else value
-            return tuple(float(v) for v in items)
-        return str(value)
-    except (TypeError, ValueError):
-        raise ConfigError(f"{name}: cannot read {value!r} as {kind.__name__}") from None
+        text = str(value).lower()
+        if text in ("true", "yes", "1", "on"):
+            return True
+        if text in ("false", "no", "0", "off"):
+            return False
+        raise ValueError(value)
+    if kind in (int, float) and isinstance(value, bool):
+        raise ValueError(value)  # YAML's `epochs: yes` is not a number
+    if kind is int:
+        if isinstance(value, float) and not value.is_integer():
+            raise ValueError(value)
+        return int(value)
+    if kind is float:
+        return float(value)
+    if kind is dict:
+        value = yaml.safe_load(value) if isinstance(value, str) else value
+        if not isinstance(value, dict):
+            raise ValueError(value)
+        return value
+    if kind is tuple:
+        items = value.split(",") if isinstance(value, str) else value
+        return tuple(float(v) for v in items)
+    if isinstance(value, (dict, list)):
+        raise ValueError(value)
+    return str(value)
 
 
 def recipe_path(config: str) -> Path:
@@ -177,15 +339,25 @@ def recipe_path(config: str) -> Path:
     raise ConfigError(f"config {config!r} is neither a file nor a shipped recipe; recipes: {', '.join(names)}")
 
 
+def read_recipe(path: str | Path) -> dict[str, Any]:
+    """The option: value mapping of a YAML recipe (a path or a shipped recipe's name)."""
+    recipe = recipe_path(str(path))
+    try:
+        loaded = yaml.safe_load(recipe.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{recipe}: malformed YAML at {_yaml_problem(err)}; fix the recipe") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{recipe} is not a text file; a recipe is a YAML mapping of option: value") from None
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"{recipe}: a recipe is a YAML mapping of option: value")
+    return loaded
+
+
 def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> TrainConfig:
     """Defaults <- YAML recipe (a path or a shipped recipe's name) <- ``overrides``."""
     values: dict[str, Any] = {}
     if path is not None:
-        recipe = recipe_path(str(path))
-        loaded = yaml.safe_load(recipe.read_text()) or {}
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"{recipe}: a recipe is a YAML mapping of option: value")
-        values.update(loaded)
+        values.update(read_recipe(path))
     values.update(overrides or {})
     return apply_overrides(TrainConfig(), values)
 
@@ -198,42 +370,134 @@ def apply_overrides(cfg: TrainConfig, values: dict[str, Any]) -> TrainConfig:
     return validate(dataclasses.replace(cfg, **changes))
 
 
+def _shown_value(value: Any) -> str:
+    return f"{value:g}" if isinstance(value, float) else repr(value) if isinstance(value, str) else str(value)
+
+
+def check_field(name: str, value: Any) -> None:
+    """Raise :class:`ConfigError` when ``value`` is not one field ``name`` admits."""
+    _, optional = _field_type(name)
+    if value is None:
+        if optional:
+            return
+        raise ConfigError(f"{shown_name(name)} cannot be empty")
+    problem = RULES[name].problem(value)
+    if problem is not None:
+        alternative = " or none" if optional and RULES[name].range is not None else ""
+        raise ConfigError(f"{shown_name(name)} must be {problem}{alternative}; got {_shown_value(value)}")
+
+
 def validate(cfg: TrainConfig) -> TrainConfig:
-    """Reject values that are wrong or contradict each other; return ``cfg``."""
-    for name, options in CHOICES.items():
-        if getattr(cfg, name) not in options:
-            shown = ", ".join(str(o) for o in options if o is not None)
-            raise ConfigError(f"{name} must be one of {shown}; got {getattr(cfg, name)!r}")
-    if cfg.lambda_ < 0:
-        raise ConfigError(f"lambda must be >= 0 (it weights a loss to minimise); got {cfg.lambda_}")
+    """Reject values that are out of range or contradict each other; return ``cfg``.
+
+    Imports neither torch nor timm; :func:`validate_with_libraries` adds their checks.
+    """
+    for name in FIELDS:
+        check_field(name, getattr(cfg, name))
     if cfg.per_class is not None and cfg.train_fraction is not None:
         raise ConfigError("give --per-class or --train-fraction, not both")
-    if cfg.per_class is not None and cfg.per_class < 1:
-        raise ConfigError(f"per_class must be >= 1; got {cfg.per_class}")
-    if cfg.train_fraction is not None and not 0 < cfg.train_fraction <= 1:
-        raise ConfigError(f"train_fraction must be in (0, 1]; got {cfg.train_fraction}")
-    positive = ("epochs", "batch_size", "img_size", "eval_interval", "log_interval")
-    for name in positive:
-        if getattr(cfg, name) < 1:
-            raise ConfigError(f"{name} must be >= 1; got {getattr(cfg, name)}")
-    for name in ("workers", "checkpoint_interval", "warmup_epochs", "lambda_warmup_epochs", "drop_path",
-                 "weight_decay", "smoothing", "mixup", "cutmix", "reprob", "base_lr"):
-        if getattr(cfg, name) < 0:
-            raise ConfigError(f"{name} must be >= 0; got {getattr(cfg, name)}")
-    if cfg.lr is not None and cfg.lr <= 0:
-        raise ConfigError(f"lr must be > 0; got {cfg.lr}")
     if (cfg.mixup > 0 or cfg.cutmix > 0) and cfg.mixup_prob > 0 and cfg.batch_size % 2:
         raise ConfigError(f"Mixup/CutMix pair samples within a batch: batch_size must be even, got {cfg.batch_size}")
-    if len(cfg.scale) != 2 or not 0 < cfg.scale[0] <= cfg.scale[1] <= 1:
-        raise ConfigError(f"scale must be two numbers 0 < lo <= hi <= 1; got {cfg.scale}")
     return cfg
+
+
+# --- the checks that need timm ----------------------------------------------------------------------
+
+
+def validate_with_libraries(cfg: TrainConfig) -> TrainConfig:
+    """The checks only timm can make; call it once torch and timm are imported, before
+    anything is written. Raises :class:`ConfigError` (or
+    :class:`~sarvit.errors.UnsupportedModel`, for a model family SAR cannot rewire);
+    returns ``cfg``.
+
+    - ``auto_augment`` through timm's own parser,
+    - ``opt`` is a timm optimizer and ``sched`` a schedule the trainer can step,
+    - ``model`` is a timm model SAR supports, with ``model_kwargs`` and ``img_size``
+      (built on the meta device: no memory, no weights),
+    - ``data`` is a known dataset name or a folder.
+    """
+    validate(cfg)
+    _check_auto_augment_with_timm(cfg.auto_augment, cfg.img_size)
+    _check_optimizer(cfg.opt, cfg.momentum, cfg.weight_decay)
+    _check_scheduler(cfg)
+    _check_model(cfg)
+    _check_data(cfg.data)
+    return cfg
+
+
+def _check_auto_augment_with_timm(policy: str | None, img_size: int) -> None:
+    from timm.data.auto_augment import augment_and_mix_transform, auto_augment_transform, rand_augment_transform
+
+    if policy is None:
+        return
+    build = (rand_augment_transform if policy.startswith("rand") else
+             augment_and_mix_transform if policy.startswith("augmix") else auto_augment_transform)
+    try:
+        build(policy, {"translate_const": int(img_size * 0.45), "img_mean": (124, 116, 104)})
+    except (AssertionError, ValueError, KeyError, IndexError) as err:
+        raise ConfigError(f"auto_augment {policy!r}: timm cannot read it ({err or type(err).__name__}); "
+                          "e.g. rand-m9-mstd0.5-inc1, augmix-m5-w4-d2, original, or none") from None
+
+
+def _check_optimizer(opt: str, momentum: float, weight_decay: float) -> None:
+    import torch
+    from timm.optim import create_optimizer_v2, list_optimizers
+
+    known = list_optimizers()
+    base = opt.lower().removeprefix("lookahead_")
+    if base not in known:
+        close = difflib.get_close_matches(base, known, n=3)
+        hint = f"; did you mean {', '.join(close)}?" if close else f"; timm has {', '.join(known)}"
+        raise ConfigError(f"opt {opt!r} is not a timm optimizer{hint}")
+    try:
+        create_optimizer_v2(torch.nn.Linear(2, 2), opt=opt, lr=1e-3, weight_decay=weight_decay, momentum=momentum)
+    except (ImportError, AssertionError, ValueError, RuntimeError) as err:
+        raise ConfigError(f"opt {opt!r} cannot be created here: {err}") from None
+
+
+def _check_scheduler(cfg: TrainConfig) -> None:
+    import torch
+    from timm.scheduler import create_scheduler_v2
+
+    optimizer = torch.optim.SGD(torch.nn.Linear(2, 2).parameters(), lr=cfg.lr or cfg.base_lr)
+    try:  # the arguments the trainer passes: the schedule steps every optimizer step
+        scheduler, _ = create_scheduler_v2(
+            optimizer, sched=cfg.sched, num_epochs=cfg.epochs, warmup_epochs=cfg.warmup_epochs,
+            warmup_lr=cfg.warmup_lr, min_lr=cfg.min_lr, step_on_epochs=False, updates_per_epoch=1,
+        )
+    except (AssertionError, ValueError) as err:
+        raise ConfigError(f"sched {cfg.sched!r}: {err}; sarvit steps the schedule every optimizer step: use e.g. "
+                          "cosine, tanh, step, multistep, poly or constant") from None
+    if scheduler is None:
+        raise ConfigError(f"sched {cfg.sched!r} makes no schedule; for a fixed learning rate use sched constant")
+
+
+def _check_model(cfg: TrainConfig) -> None:
+    import torch
+
+    from .factory import create_model
+
+    with torch.device("meta"):  # shapes only: no memory, no initialisation cost
+        create_model(cfg.model, 2, img_size=cfg.img_size, drop_path=cfg.drop_path, model_kwargs=cfg.model_kwargs,
+                     layout=resolved_layout(cfg), query=cfg.query)
+
+
+def _check_data(data: str) -> None:
+    from .data import DATASETS
+
+    if data not in DATASETS and not Path(data).expanduser().is_dir():
+        raise ConfigError(f"data {data!r} is neither a dataset name ({', '.join(DATASETS)}) nor a folder "
+                          "with train/ and val/ class sub-folders")
+
+
+# --- what the trainer reads -------------------------------------------------------------------
 
 
 def to_dict(cfg: TrainConfig) -> dict[str, Any]:
     """YAML-ready dict, with ``lambda`` spelled as in recipes."""
     out = {}
     for name, value in dataclasses.asdict(cfg).items():
-        out["lambda" if name == "lambda_" else name] = list(value) if isinstance(value, tuple) else value
+        out[shown_name(name)] = list(value) if isinstance(value, tuple) else value
     return out
 
 

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .checkpoint import atomic_write
+from .runs import atomic_write
 from .config import load_config
 from .train import train
 

@@ -8,7 +8,10 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-__all__ = ["Dist", "init_distributed", "all_reduce_sum", "gather_objects", "barrier", "shutdown"]
+from .config import DEVICE_SYNTAX
+from .errors import ConfigError
+
+__all__ = ["Dist", "init_distributed", "available_devices", "all_reduce_sum", "gather_objects", "barrier", "shutdown"]
 
 
 @dataclass(frozen=True)
@@ -24,19 +27,44 @@ class Dist:
 
 
 def _pick_device(device: str, local_rank: int) -> torch.device:
+    """``auto | cpu | cuda | cuda:N | mps`` -> the device, or :class:`ConfigError` naming those this machine has."""
     if device == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda", local_rank)
-        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        if _mps_available():
             return torch.device("mps")
         return torch.device("cpu")
+    if DEVICE_SYNTAX.fullmatch(device) is None:
+        raise ConfigError(f"--device {device!r} is not a device: use auto, cpu, cuda, cuda:N or mps; "
+                          f"this machine has {available_devices()}")
     dev = torch.device(device)
     if dev.type == "cuda":
         if not torch.cuda.is_available():
-            raise RuntimeError(f"--device {device}: CUDA is not available on this machine; use --device cpu")
+            raise ConfigError(f"--device {device}: CUDA is not available on this machine (it has "
+                              f"{available_devices()}); use --device cpu or auto")
         if dev.index is None:
             dev = torch.device("cuda", local_rank)
+        if dev.index >= torch.cuda.device_count():
+            raise ConfigError(f"--device {device}: no GPU of index {dev.index} (process {local_rank} of this node); "
+                              f"this machine has {available_devices()}")
+    if dev.type == "mps" and not _mps_available():
+        raise ConfigError(f"--device mps: Apple's MPS is not available on this machine (it has "
+                          f"{available_devices()}); use --device cpu or auto")
     return dev
+
+
+def _mps_available() -> bool:
+    return getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
+
+
+def available_devices() -> str:
+    """``"cpu, cuda:0, cuda:1"``: the devices of this machine, as ``--device`` spells them."""
+    found = ["cpu"]
+    if torch.cuda.is_available():
+        found += [f"cuda:{i}" for i in range(torch.cuda.device_count())]
+    if _mps_available():
+        found.append("mps")
+    return ", ".join(found)
 
 
 def init_distributed(device: str = "auto") -> Dist:

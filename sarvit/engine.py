@@ -20,6 +20,7 @@ from tqdm import tqdm
 
 from .distributed import Dist, all_reduce_sum
 from .entropy import spatial_entropy
+from .errors import ConfigError
 
 __all__ = ["TrainForward", "LoopState", "train_one_epoch", "evaluate", "autocast", "resolve_amp"]
 
@@ -46,8 +47,17 @@ def _show_progress(dist: Dist) -> bool:
     return dist.main and sys.stderr.isatty()
 
 
+AMP_MODES = ("auto", "none", "bf16", "fp16")
+
+
+def _check_amp(amp: str, allowed: tuple[str, ...]) -> None:
+    if amp not in allowed:
+        raise ConfigError(f"amp must be one of {', '.join(allowed)}; got {amp!r}")
+
+
 def resolve_amp(amp: str, device: torch.device) -> str:
     """``auto`` -> bf16 on CUDA devices that support it, fp16 on older ones, none elsewhere."""
+    _check_amp(amp, AMP_MODES)
     if amp == "auto":
         if device.type != "cuda":
             return "none"
@@ -57,6 +67,7 @@ def resolve_amp(amp: str, device: torch.device) -> str:
 
 def autocast(device: torch.device, amp: str):
     """The autocast context for ``amp`` in (none, bf16, fp16)."""
+    _check_amp(amp, AMP_MODES[1:])
     if amp == "none":
         return nullcontext()
     return torch.autocast(device.type, dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
@@ -134,10 +145,10 @@ def train_one_epoch(
             if clip_grad:
                 dispatch_clip_grad(params, clip_grad)
             optimizer.step()
-        if ema is not None:
-            ema.update(_unwrap(net), step=state.global_step)
         state.step_in_epoch += 1
         state.global_step += 1
+        if ema is not None:  # timm counts the updates from 1: the first one copies the weights
+            ema.update(_unwrap(net), step=state.global_step)
         scheduler.step_update(num_updates=state.global_step)
         for k, v in terms.items():
             sums[k] = sums.get(k, 0.0) + v.detach().float()

@@ -7,9 +7,11 @@ from typing import Any
 
 from .config import ConfigError
 from .data import SeededTransform, build_loader, build_transform, open_dataset
+from .data.classes import check_same_classes, class_counts, recorded_names
 from .distributed import init_distributed, shutdown
 from .engine import evaluate, resolve_amp
 from .factory import load_model, resolve_weights
+from .runs import RunFolder, run_folder_of
 
 __all__ = ["evaluate_checkpoint"]
 
@@ -18,10 +20,14 @@ def _run_config(weights: Path) -> dict[str, Any]:
     """The training config.yaml of the run the weights belong to, if it is at hand."""
     import yaml
 
-    for folder in (weights.parent, weights.parent.parent.parent):
-        if (folder / "config.yaml").is_file():
-            return yaml.safe_load((folder / "config.yaml").read_text()) or {}
-    return {}
+    path = RunFolder(run_folder_of(weights)).config
+    if not path.is_file():
+        return {}
+    try:
+        saved = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path} is not valid YAML ({err}); restore it, or pass --data and --img-size") from None
+    return saved if isinstance(saved, dict) else {}
 
 
 def evaluate_checkpoint(
@@ -45,17 +51,20 @@ def evaluate_checkpoint(
     dist = init_distributed(device)
     try:
         weights = resolve_weights(checkpoint, which)
-        model, meta = load_model(weights, device=dist.device)
+        model, meta = load_model(weights, device=dist.device, img_size=img_size)
         run = _run_config(weights)
         data = data or meta.get("data") or run.get("data")
         if data is None:
             raise ConfigError(f"{weights} does not say which data it was trained on; pass --data")
         raw = open_dataset(data, data_root or run.get("data_root"), "val")
-        if raw.num_classes != meta["num_classes"]:
+        if raw.classes and raw.num_classes != meta["num_classes"]:
             raise ConfigError(
                 f"the model has {meta['num_classes']} classes but {data} has {raw.num_classes}; "
                 "evaluate on the dataset the model was trained for"
             )
+        class_counts(raw.targets, meta["num_classes"], f"the val split of {data}")  # labels the model can output
+        check_same_classes(recorded_names(meta.get("classes")), raw.classes, "the checkpoint", data,
+                           "Evaluate on the dataset the model was trained for (--data).")
         size = img_size or meta.get("img_size") or 224
         transform = build_transform(data, size, False, interpolation=run.get("interpolation", "bicubic"),
                                     crop_pct=crop_pct or run.get("crop_pct", 0.875))

@@ -3,17 +3,28 @@
 from __future__ import annotations
 
 import difflib
+import json
+import math
 from pathlib import Path
 from typing import Any
 
 import timm
 import torch
+from safetensors import SafetensorError
 from torch import nn
 
 from .checkpoint import load_weights, read_metadata
-from .surgery import attach
+from .errors import ConfigError, WeightsNotFound
+from .surgery import attach, check_supported
 
-__all__ = ["create_model", "load_model", "resolve_weights"]
+__all__ = ["create_model", "load_model", "resolve_weights", "check_image_size"]
+
+# the weights a run folder holds, by the name `--which` gives them, in the order they are looked for
+RUN_WEIGHTS = {
+    "best": ("best.safetensors", "checkpoints/last/model.safetensors"),
+    "last": ("checkpoints/last/model.safetensors", "model.safetensors"),
+    "best_ema": ("best_ema.safetensors",),
+}
 
 
 def create_model(
@@ -26,55 +37,124 @@ def create_model(
     layout: str = "sar",
     query: str = "auto",
 ) -> nn.Module:
-    """``timm.create_model(name, ...)`` (no pretrained weights) made a SAR model by :func:`attach`."""
-    if not timm.is_model(name):
-        close = difflib.get_close_matches(name, timm.list_models(), n=3)
-        hint = f" Did you mean {', '.join(close)}?" if close else ""
-        raise ValueError(f"unknown model {name!r}: timm has no model of that name.{hint}")
+    """``timm.create_model(name, ...)`` (no pretrained weights) made a SAR model by :func:`attach`.
+
+    Raises :class:`ConfigError` for an unknown name, arguments the model refuses, or an
+    ``img_size`` its patch size does not divide, and :class:`UnsupportedModel` for a
+    model of a family SAR does not support. Under ``with torch.device("meta")`` it
+    checks all that without allocating the weights.
+    """
+    _check_name(name)
+    with torch.device("meta"):  # the family, from the model with its defaults; no memory
+        check_supported(timm.create_model(name, pretrained=False))
     kwargs = dict(num_classes=num_classes, drop_path_rate=drop_path, **(model_kwargs or {}))
     if img_size is not None:
         kwargs["img_size"] = img_size
     try:
         model = timm.create_model(name, pretrained=False, **kwargs)
     except TypeError as err:
-        raise ValueError(f"timm model {name!r} does not accept these arguments {sorted(kwargs)}: {err}") from err
+        raise ConfigError(f"timm model {name!r} does not accept these arguments {sorted(kwargs)}: {err}") from None
+    if img_size is not None:
+        check_image_size(model, img_size)
     return attach(model, layout=layout, query=query)
 
 
+def _check_name(name: str) -> None:
+    if not timm.is_model(name):
+        close = difflib.get_close_matches(name, timm.list_models(), n=3)
+        hint = f" Did you mean {', '.join(close)}?" if close else ""
+        raise ConfigError(f"unknown model {name!r}: timm has no model of that name.{hint}")
+
+
+def check_image_size(model: nn.Module, img_size: int) -> None:
+    """Refuse an ``img_size`` the model's patch size does not divide (the last rows and
+    columns of pixels would be dropped without a word)."""
+    patch = tuple(model.patch_embed.patch_size)  # (ph, pw)
+    if any(img_size % p for p in patch):
+        step = math.lcm(*patch)
+        below, above = (img_size // step) * step, (img_size // step + 1) * step
+        nearest = " or ".join(str(s) for s in (below, above) if s > 0)
+        raise ConfigError(f"img_size {img_size} is not a multiple of the patch size {patch[0]}x{patch[1]}: the last "
+                          f"{img_size % patch[0]} rows of pixels would be dropped; use {nearest}")
+
+
 def resolve_weights(path: str | Path, which: str = "best") -> Path:
-    """A weights file from a file path or a run folder (``best`` or ``last`` weights)."""
+    """A weights file from a file path or a run folder (``best``, ``last`` or ``best_ema`` weights)."""
+    if which not in RUN_WEIGHTS:
+        raise ConfigError(f"which must be one of {', '.join(RUN_WEIGHTS)}; got {which!r}")
     path = Path(path)
     if path.is_file():
         return path
     if not path.is_dir():
-        raise FileNotFoundError(f"no such file or run folder: {path}")
-    candidates = {
-        "best": [path / "best.safetensors", path / "checkpoints" / "last" / "model.safetensors"],
-        "last": [path / "checkpoints" / "last" / "model.safetensors", path / "model.safetensors"],
-        "best_ema": [path / "best_ema.safetensors"],
-    }[which]
+        raise WeightsNotFound(f"no such file or run folder: {path}")
+    candidates = [path / name for name in RUN_WEIGHTS[which]]
     for c in candidates:
-        if c.is_file():
+        if c.parent.name == "last" and c.parent.parent.name == "checkpoints":
+            from .checkpoint import WEIGHTS, find_checkpoint
+
+            found = find_checkpoint(path).path  # an intact checkpoint: `last`, or the one before it
+            if found is not None:
+                return found / WEIGHTS
+        elif c.is_file():
             return c
-    raise FileNotFoundError(f"{path} holds no {which} weights; looked for: {', '.join(str(c) for c in candidates)}")
+    raise WeightsNotFound(f"{path} holds no {which} weights; looked for: {', '.join(str(c) for c in candidates)}")
 
 
-def load_model(path: str | Path, which: str = "best", device: str | torch.device = "cpu") -> tuple[nn.Module, dict]:
+def load_model(
+    path: str | Path, which: str = "best", device: str | torch.device = "cpu", img_size: int | None = None,
+) -> tuple[nn.Module, dict]:
     """Rebuild a SAR model from weights sarvit saved (a ``.safetensors`` file or a run folder).
 
+    Args:
+        path: a ``.safetensors`` file or a run folder.
+        which: ``best``, ``last`` or ``best_ema`` weights of a run folder.
+        device: where the model goes.
+        img_size: evaluate at this resolution instead of the training one: the position
+            embeddings are resampled (bicubic, by timm) after the weights are loaded.
+
     Returns ``(model, metadata)``; ``metadata`` holds the model name, its arguments, the
-    number of classes, the last-block layout and the training data.
+    number of classes, the training resolution, the last-block layout and the training data.
     """
     weights = resolve_weights(path, which)
-    meta = read_metadata(weights)
-    if "model" not in meta:
-        raise ValueError(
-            f"{weights} was not written by sarvit (no model description in its metadata); "
-            "create the model yourself and load_state_dict(safetensors.torch.load_file(path))"
-        )
+    meta = _read_sarvit_metadata(weights)
     model = create_model(
         meta["model"], meta["num_classes"], img_size=meta.get("img_size"), model_kwargs=meta.get("model_kwargs"),
         layout=meta.get("layout", "sar"), query=meta.get("query", "auto"),
     )
-    model.load_state_dict(load_weights(weights), strict=True)
+    try:
+        state = load_weights(weights)
+    except (SafetensorError, OSError) as err:
+        raise ConfigError(f"cannot read the weights in {weights} ({err}); the file is damaged: copy it again "
+                          "or load another one (e.g. --which last)") from None
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as err:
+        first = str(err).splitlines()[0]
+        raise ConfigError(f"the weights in {weights} do not fit the model its metadata describes ({first}); "
+                          "the file was changed after sarvit wrote it") from None
+    if img_size is not None and img_size != meta.get("img_size"):
+        _set_image_size(model, img_size)
     return model.to(device), meta
+
+
+def _read_sarvit_metadata(weights: Path) -> dict[str, Any]:
+    """The model description sarvit stores in a safetensors file, with errors that say what to do."""
+    try:
+        meta = read_metadata(weights)
+    except (SafetensorError, OSError, json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ConfigError(f"{weights} is not a readable safetensors file ({err}); it may be truncated or not "
+                          "weights at all: copy it again, or point at the run folder or another file") from None
+    if not isinstance(meta, dict) or not {"model", "num_classes"} <= meta.keys():
+        raise ConfigError(
+            f"{weights} was not written by sarvit (no model description in its metadata); "
+            "create the model yourself and load_state_dict(safetensors.torch.load_file(path))"
+        )
+    return meta
+
+
+def _set_image_size(model: nn.Module, img_size: int) -> None:
+    """Resize the model's input to ``img_size``, resampling the position embeddings."""
+    check_image_size(model, img_size)
+    if not hasattr(model, "set_input_size"):
+        raise ConfigError(f"{type(model).__name__} cannot change its input size; evaluate at the training size")
+    model.set_input_size(img_size=(img_size, img_size))

@@ -13,7 +13,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from .checkpoint import atomic_write
+from .runs import RunFolder, atomic_write
 
 __all__ = ["RunLog", "read_metrics"]
 
@@ -35,7 +35,8 @@ def read_metrics(path: str | Path) -> list[dict[str, Any]]:
 class RunLog:
     def __init__(self, run_dir: str | Path, main: bool, resume_epoch: int = 0, resume_step: int = 0) -> None:
         self.main = main
-        self.path = Path(run_dir) / "metrics.jsonl"
+        run = RunFolder(run_dir)
+        self.path = run.metrics
         self.writer = None
         if not main:
             return
@@ -43,10 +44,12 @@ class RunLog:
         atomic_write(self.path, lambda tmp: tmp.write_text("".join(json.dumps(r) + "\n" for r in kept)))
         from torch.utils.tensorboard import SummaryWriter
 
-        self.writer = SummaryWriter(str(Path(run_dir) / "tensorboard"), purge_step=resume_step or None)
+        self.writer = SummaryWriter(str(run.tensorboard), purge_step=resume_step or None)
 
     def epoch(self, row: dict[str, Any], step: int) -> None:
         """Append one epoch's record (``row['epoch']`` counts from 1) and its scalars."""
+        if "train_loss" not in row:
+            raise ValueError(f"epoch {row.get('epoch')} trained no step; its record is not written")
         if not self.main:
             return
         with open(self.path, "a") as f:

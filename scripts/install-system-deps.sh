@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # Debian data packages sarvit's demo and tests read offline:
-#   dataset-fashion-mnist -> /usr/share/datasets/fashion-mnist (IDX .gz files)
+#   dataset-fashion-mnist    -> /usr/share/datasets/fashion-mnist (IDX .gz files)
+#   tuxpaint-stamps-default  -> /usr/share/tuxpaint/stamps (PNG cut-outs for `sarvit data stamps`)
 set -euo pipefail
 
-packages=(dataset-fashion-mnist)
+packages=(dataset-fashion-mnist tuxpaint-stamps-default)
 missing=()
 for p in "${packages[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -151,3 +151,96 @@ def test_augmentation_depends_on_seed_epoch_and_index_only(image_folder):
     assert len(batches0) == 6 and len(batches2) == 4
     for a, b in zip(batches0[2:], batches2, strict=True):
         assert torch.equal(a, b)
+
+
+def test_class_differences_name_what_differs():
+    from sarvit.data.classes import class_differences
+
+    assert class_differences(["a", "b", "c"], ["a", "b", "c"]) is None
+    assert class_differences([], ["a", "b"]) is None and class_differences(["a"], []) is None  # nothing to compare
+    assert class_differences(["a", "b", "c"], ["a", "b", "z"], "train", "val") == (
+        "only in train: 1 ('c'); only in val: 1 ('z')")
+    assert class_differences(["a", "b"], ["a", "b", "c"], "train", "val") == "only in val: 1 ('c')"
+    assert class_differences(["a", "b", "c"], ["a", "c", "b"], "train", "val") == (
+        "the same names in another order: class 1 is 'b' in train, 'c' in val")
+    many = class_differences([f"x{i}" for i in range(20)], [], "a", "b")
+    assert many is None
+    long = class_differences([f"x{i}" for i in range(20)], ["x0"], "a", "b")
+    assert long.startswith("only in a: 19 ('x1', 'x2',") and long.endswith("'x8', ...)")
+
+
+def test_check_same_classes_is_a_config_error():
+    from sarvit.config import ConfigError
+    from sarvit.data.classes import check_same_classes
+
+    check_same_classes(["a", "b"], ["a", "b"], "train", "val", "Fix it.")
+    with pytest.raises(ConfigError, match=r"train and val name their classes differently \(only in train: 1 \('c'\); "
+                                          r"only in val: 1 \('z'\)\).*Fix it\."):
+        check_same_classes(["a", "b", "c"], ["a", "b", "z"], "train", "val", "Fix it.")
+
+
+def test_checkpoints_of_unnamed_data_record_no_names():
+    from sarvit.data.classes import recorded_names
+
+    assert recorded_names(["0", "1", "2"]) == [] and recorded_names(None) == []
+    assert recorded_names(["0", "1", "10", "2"]) == ["0", "1", "10", "2"]  # ImageFolder's sorted digit folders
+    assert recorded_names(["cat", "dog"]) == ["cat", "dog"]
+
+
+def test_class_counts_and_labels_out_of_range():
+    from sarvit.config import ConfigError
+    from sarvit.data.classes import class_counts
+
+    assert class_counts(np.array([2, 0, 2, 2]), 4, "val").tolist() == [1, 0, 3, 0]
+    with pytest.raises(ConfigError, match=r"val has 2 images labelled \[4, 7\], outside the 4 classes 0\.\.3"):
+        class_counts(np.array([0, 4, 7, 1]), 4, "val")
+
+
+def test_class_count_warnings():
+    from sarvit.data.classes import class_count_warnings
+
+    names = ["cat", "dog", "owl"]
+    assert class_count_warnings(np.array([5, 3, 1]), np.array([2, 0, 1]), names) == []  # val may lack a class
+    one = class_count_warnings(np.array([10]), np.array([4]), ["cat"])
+    assert len(one) == 1 and "one class only ('cat')" in one[0] and "top-1" in one[0]
+    gaps = class_count_warnings(np.array([5, 0, 0]), np.array([1, 2, 3]), names)
+    assert len(gaps) == 2 and "one class only ('cat')" in gaps[0]
+    assert "no image of 2 ('dog', 'owl') of its 3 classes" in gaps[1] and "the 5 val images" in gaps[1]
+    quiet = class_count_warnings(np.array([5, 4, 0]), np.array([1, 2, 0]), names)
+    assert len(quiet) == 1 and "('owl')" in quiet[0] and "val images" not in quiet[0]
+
+
+def test_hidden_folders_are_not_classes(image_folder):
+    (image_folder / "train" / ".ipynb_checkpoints").mkdir()
+    raw = open_dataset(str(image_folder), split="train")
+    assert raw.classes == ["class0", "class1", "class2", "class3"] and len(raw.dataset) == 48
+
+
+def test_a_missing_split_folder_says_what_is_there(image_folder):
+    (image_folder / "val").rename(image_folder / "validation")
+    with pytest.raises(DatasetNotFound, match=r"(?s)Looked in:.*/val\n.*holds train/, validation/"):
+        open_dataset(str(image_folder), split="val")
+    assert open_dataset(str(image_folder), split="train").num_classes == 4
+
+
+def test_an_empty_or_flat_split_is_a_clear_error(tmp_path):
+    from PIL import Image
+
+    (tmp_path / "flat" / "train").mkdir(parents=True)
+    Image.new("RGB", (8, 8)).save(tmp_path / "flat" / "train" / "a.png")  # images without class folders
+    with pytest.raises(DatasetNotFound, match="has no class sub-folders"):
+        open_dataset(str(tmp_path / "flat"), split="train")
+    (tmp_path / "empty" / "train" / "cat").mkdir(parents=True)  # a class folder, no image anywhere
+    with pytest.raises(DatasetNotFound, match="cat"):
+        open_dataset(str(tmp_path / "empty"), split="train")
+
+
+def test_subset_and_dataset_errors_are_user_errors():
+    from sarvit.errors import UserError
+
+    with pytest.raises(UserError, match="more images than"):
+        stratified_subset(np.array([0, 0, 1]), per_class=2)
+    with pytest.raises(UserError, match="train_fraction must be in"):
+        stratified_subset(np.array([0, 0, 1]), fraction=1.5)
+    with pytest.raises(UserError, match="unknown dataset"):
+        open_dataset("not_a_dataset")

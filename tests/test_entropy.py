@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import sarvit
-from tests.masks import scipy_labels
+from tests.masks import checkerboard, random_masks, scipy_labels, serpentine, spiral
 
 PINNED = Path(__file__).parent / "data" / "official_spatial_entropy.npz"
 
@@ -50,7 +50,7 @@ def test_matches_published_code_pinned_values(family):
 
 @pytest.mark.parametrize("connectivity", [4, 8])
 @pytest.mark.parametrize("shape", [(4, 3, 14, 14), (2, 2, 7, 7), (3, 1, 5, 9), (2, 4, 1, 6), (6, 16, 16)])
-@pytest.mark.parametrize("backend", ["scipy", "torch"])
+@pytest.mark.parametrize("backend", ["auto", "scipy", "torch"])
 def test_value_and_gradient_equal_a_per_map_loop(shape, connectivity, backend):
     torch.manual_seed(sum(shape) + connectivity)
     base = torch.randn(shape, dtype=torch.float64)
@@ -65,6 +65,127 @@ def test_value_and_gradient_equal_a_per_map_loop(shape, connectivity, backend):
         (got * weights).sum().backward()
         (want * weights).sum().backward()
         torch.testing.assert_close(S.grad, ref.grad, rtol=1e-9, atol=1e-12)
+
+
+def masks_as_maps(masks: np.ndarray, rng: np.random.Generator) -> torch.Tensor:
+    """Float64 maps whose entries above the map mean are exactly ``masks`` (unless empty or full)."""
+    n = masks.shape[-1] * masks.shape[-2]
+    noise = rng.random(masks.shape)
+    return torch.from_numpy(np.where(masks, n + noise, noise))  # foreground >= n > mean >= 1 > background
+
+
+@pytest.mark.parametrize("connectivity", [4, 8])
+@pytest.mark.parametrize(
+    "size",
+    [(1, 1), (1, 9), (9, 1), (2, 2), (7, 7), (14, 14), (5, 11), (16, 9), (18, 14), (14, 18), (16, 16), (32, 32)],
+    ids=lambda s: f"{s[0]}x{s[1]}",
+)
+def test_cpu_kernel_partitions_like_scipy(size, connectivity):
+    # The CPU kernels label by themselves (8-connectivity: bit-parallel flood fill over the
+    # 2 x 2 blocks up to 63 blocks, as 18 x 14 and 14 x 18; union-find over blocks beyond,
+    # as 16 x 16; 4-connectivity: union-find over pixels). Their component counts must be
+    # scipy's and their entropies the per-map loop's, on masks of every density, odd sizes
+    # (partial blocks) and the adversarial shapes.
+    h, w = size
+    rng = np.random.default_rng(h * 100 + w)
+    masks = [random_masks(rng, 300, h, w)]
+    if min(h, w) >= 3:
+        n = min(h, w)
+        shapes = [serpentine(h, w), serpentine(w, h, transpose=True), checkerboard(h, w), np.zeros((h, w), bool)]
+        square = [spiral(n), spiral(n)[::-1, ::-1], serpentine(n, n)[:, ::-1]]
+        masks.append(np.stack(shapes))
+        masks.append(np.stack([np.pad(m, ((0, h - n), (0, w - n))) for m in square]))
+    masks = np.concatenate(masks)
+    S = masks_as_maps(masks, rng)
+    H, count = sarvit.spatial_entropy(S, connectivity=connectivity, return_num_components=True)
+    above = (S > S.mean(dim=(-2, -1), keepdim=True)).numpy()
+    mixed = masks.any(axis=(1, 2)) & ~masks.all(axis=(1, 2))
+    assert (above[mixed] == masks[mixed]).all()  # the maps reproduce every mask but the empty and full ones
+    np.testing.assert_array_equal(count.numpy(), [scipy_labels(m, connectivity).max() for m in above])
+    torch.testing.assert_close(H, loop_entropy(S, connectivity), rtol=1e-10, atol=1e-12)
+
+
+def test_cpu_kernel_on_float32_and_strided_input():
+    torch.manual_seed(4)
+    base = torch.randn(3, 4, 14, 11)
+    S = base.transpose(-1, -2).requires_grad_(True)  # (3, 4, 11, 14), not contiguous
+    ref = S.detach().double().requires_grad_(True)
+    H = sarvit.spatial_entropy(S)
+    want = loop_entropy(ref)
+    assert H.dtype == torch.float32 and H.shape == (3, 4)
+    torch.testing.assert_close(H, want.float(), rtol=1e-6, atol=1e-6)
+    H.sum().backward()
+    want.sum().backward()
+    assert S.grad.dtype == torch.float32
+    torch.testing.assert_close(S.grad, ref.grad.float(), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("connectivity", [4, 8])
+def test_gradcheck_cpu_kernel_odd_sizes(connectivity):
+    # The CPU backward is written by hand: check it against finite differences.
+    torch.manual_seed(connectivity)
+    S = torch.randn(3, 2, 5, 7, dtype=torch.float64)
+    S = torch.nn.functional.avg_pool2d(S.reshape(-1, 1, 5, 7), 3, 1, 1).reshape(3, 2, 5, 7)
+    with torch.no_grad():  # keep every entry 1e-3 away from its map's mean (the threshold)
+        gap = S - S.mean(dim=(-2, -1), keepdim=True)
+        S += torch.where(gap.abs() < 1e-3, 1e-2 * torch.sign(gap + 1e-12), torch.zeros_like(gap))
+    S.requires_grad_(True)
+    fn = lambda s: sarvit.spatial_entropy(s, connectivity=connectivity)  # noqa: E731
+    assert torch.autograd.gradcheck(fn, (S,), eps=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", ["auto", "scipy", "torch"])
+def test_maps_without_entries_and_empty_batches(backend):
+    # (2, 3, 0, 0): six maps without entries, so without components -> entropy 0
+    S = torch.zeros(2, 3, 0, 0, requires_grad=True)
+    H, count = sarvit.spatial_entropy(S, backend=backend, return_num_components=True)
+    assert H.shape == (2, 3) and H.dtype == torch.float32 and (H == 0).all()
+    assert count.shape == (2, 3) and count.dtype == torch.int64 and (count == 0).all()
+    H.sum().backward()
+    assert S.grad.shape == (2, 3, 0, 0)
+    # an empty batch: empty per-map result, and the loss is 0 (no component), not NaN
+    E = torch.zeros(0, 6, 14, 14, dtype=torch.float64, requires_grad=True)
+    assert sarvit.spatial_entropy(E, backend=backend).shape == (0, 6)
+    loss = sarvit.SpatialEntropyLoss(backend=backend)(E)
+    assert loss.item() == 0.0 and loss.dtype == torch.float64
+    loss.backward()
+    assert E.grad.shape == (0, 6, 14, 14)
+
+
+@pytest.mark.parametrize("backend", ["auto", "scipy", "torch"])
+@pytest.mark.parametrize(
+    ("dtype", "expected"),
+    [(torch.float64, torch.float64), (torch.float32, torch.float32),
+     (torch.float16, torch.float32), (torch.bfloat16, torch.float32)],
+)
+def test_result_dtype(backend, dtype, expected):
+    S = torch.randn(2, 3, 6, 6).to(dtype)
+    assert sarvit.spatial_entropy(S, backend=backend).dtype == expected
+    assert sarvit.SpatialEntropyLoss(backend=backend)(S).dtype == expected
+
+
+def test_cpu_path_runs_no_torch_kernel_over_the_maps():
+    # torch splits kernels over >= 32768 elements across its thread team; on a machine
+    # whose cores are busy (data-loading workers) every such kernel waits for descheduled
+    # threads. The CPU loss must touch the (256, 6, 14, 14) maps only through numpy.
+    from torch.profiler import ProfilerActivity, profile
+
+    S = torch.randn(256, 6, 14, 14, requires_grad=True)
+    loss_fn = sarvit.SpatialEntropyLoss()
+    loss_fn(S).backward()  # compile the kernels outside the profile
+    S.grad = None
+    no_compute = {"aten::view", "aten::reshape", "aten::_reshape_alias", "aten::as_strided", "aten::detach",
+                  "aten::alias", "aten::expand", "aten::lift_fresh", "aten::empty", "aten::empty_strided",
+                  "aten::to", "aten::resolve_conj", "aten::resolve_neg"}
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+        loss_fn(S).backward()
+    large = [
+        (e.name, e.input_shapes) for e in prof.events()
+        if e.name.startswith("aten::") and e.name not in no_compute
+        and any(math.prod(shape) >= 32768 for shape in e.input_shapes if shape)
+    ]
+    assert not large, large
+    assert S.grad is not None and S.grad.shape == S.shape
 
 
 def test_hand_computed_values():

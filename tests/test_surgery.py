@@ -5,6 +5,7 @@ import torch.nn.functional as F
 from timm.models.vision_transformer import Block, ResPostBlock, VisionTransformer
 
 import sarvit
+from sarvit.errors import ConfigError, UnsupportedModel
 
 TINY = dict(img_size=32, patch_size=4, depth=3, embed_dim=48, num_heads=3, num_classes=5)
 FAMILY = {
@@ -168,23 +169,46 @@ def test_detach_restores_the_standard_block_with_trained_weights():
 
 
 def test_unsupported_models_raise_type_error_naming_the_supported():
-    with pytest.raises(TypeError, match="Supported: timm VisionTransformer"):
+    supported = "SAR supports these families: timm VisionTransformer"
+    with pytest.raises(UnsupportedModel, match=f"timm.models.resnet.ResNet. {supported}"):
         sarvit.attach(timm.create_model("resnet18", num_classes=3))
-    with pytest.raises(TypeError, match="Supported: timm VisionTransformer"):
+    with pytest.raises(TypeError, match=supported):
         sarvit.attach(torch.nn.Linear(3, 3))
     post_norm = VisionTransformer(**{**TINY, "block_fn": ResPostBlock})
     with pytest.raises(TypeError, match="ResPostBlock"):
         sarvit.attach(post_norm)
 
 
+def test_a_torchvision_vit_is_named_by_its_module_path():
+    from torchvision.models.vision_transformer import VisionTransformer as TorchvisionViT
+
+    model = TorchvisionViT(image_size=32, patch_size=8, num_layers=1, num_heads=2, hidden_dim=8, mlp_dim=8)
+    with pytest.raises(UnsupportedModel) as caught:
+        sarvit.attach(model)
+    message = str(caught.value)
+    assert "torchvision.models.vision_transformer.VisionTransformer" in message
+    assert "not timm's" in message and "SAR supports these families: timm VisionTransformer" in message
+
+
+def test_the_supported_families_message_lists_the_registry(monkeypatch):
+    from types import SimpleNamespace
+
+    from sarvit import surgery
+
+    later = SimpleNamespace(NAME="T2T-ViT", DESCRIPTION="t2t_vit_*", matches=lambda m: False)
+    monkeypatch.setattr(surgery, "FAMILIES", [*surgery.FAMILIES, later])
+    with pytest.raises(UnsupportedModel, match=r"timm VisionTransformer \(.*\); T2T-ViT \(t2t_vit_\*\)$"):
+        sarvit.attach(torch.nn.Linear(3, 3))
+
+
 def test_bad_options_raise_clear_errors():
     with pytest.raises(ValueError, match="layout"):
         sarvit.attach(make(), layout="E")
-    with pytest.raises(ValueError, match="query"):
+    with pytest.raises(ConfigError, match="query"):
         sarvit.attach(make(), query="max")
-    with pytest.raises(ValueError, match="no class token"):
+    with pytest.raises(ConfigError, match="no class token"):
         sarvit.attach(make("registers_no_cls"), query="cls")
-    with pytest.raises(ValueError, match="patch dropout"):
+    with pytest.raises(ConfigError, match="patch dropout"):
         sarvit.attach(make(patch_drop_rate=0.25))
     model = sarvit.attach(make())
     with pytest.raises(ValueError, match="already has SAR"):

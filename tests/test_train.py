@@ -1,3 +1,4 @@
+import dataclasses
 import json
 import os
 import signal
@@ -34,6 +35,26 @@ def weights(path: Path) -> dict:
     return load_file(str(path))
 
 
+def plain_loop_metrics(run: Path, data: Path, which: str = "last") -> dict:
+    """Top-1/top-5, mean SE and components per head of a run's saved weights: one image at a time."""
+    model, _ = load_model(run, which=which)
+    model.eval()
+    raw = open_dataset(str(data), split="val")
+    transform = build_transform("imagefolder", 16, False, crop_pct=1.0)
+    top1, top5, entropies, components = [], [], [], []
+    for image, target in (raw.dataset[i] for i in range(len(raw.dataset))):
+        with torch.no_grad():
+            logits, S = model.forward_with_similarity(transform(image)[None])
+        ranked = logits[0].argsort(descending=True).tolist()
+        top1.append(ranked[0] == target)
+        top5.append(target in ranked[:5])
+        entropies.append(loop_entropy(S[0]).mean().item())
+        components.append(np.mean([
+            len(np.unique(sarvit.connected_components(s > s.mean()).numpy())) - 1 for s in S[0]]))
+    return {"top1": 100 * np.mean(top1), "top5": 100 * np.mean(top5), "se": np.mean(entropies),
+            "components": np.mean(components), "images": len(top1)}
+
+
 def test_training_run_writes_a_complete_run_folder(image_folder, tmp_path):
     out = tmp_path / "run"
     run_cli(tiny_train_args(image_folder, out, "--per-class", "10"))
@@ -45,7 +66,7 @@ def test_training_run_writes_a_complete_run_folder(image_folder, tmp_path):
     assert any(p.name.startswith("events.out.tfevents") for p in (out / "tensorboard").iterdir())
     last = (out / "checkpoints" / "last").resolve()
     assert last.name == f"step-{rows[-1]['step']:08d}" and {p.name for p in last.iterdir()} == {
-        "model.safetensors", "state.pt"}
+        "model.safetensors", "state.pt", "manifest.json"}
     assert (out / "best.safetensors").is_file() and json.loads((out / "summary.json").read_text())["epochs"] == 2
     subset = json.loads((out / "subset_indices.json").read_text())
     targets = open_dataset(str(image_folder)).targets
@@ -129,19 +150,52 @@ def test_resume_refuses_a_different_experiment(image_folder, tmp_path, capsys):
     assert "different experiment" in capsys.readouterr().err
 
 
-def test_eval_command(image_folder, tmp_path, capsys):
+def test_eval_command(image_folder, tmp_path, capsys, monkeypatch):
     out = tmp_path / "run"
     run_cli(tiny_train_args(image_folder, out, "--epochs", "1"))
     capsys.readouterr()
     run_cli(["eval", "--checkpoint", out, "--which", "last", "--device", "cpu", "--workers", "0"])
     metrics = json.loads(capsys.readouterr().out)
     row = read_metrics(out / "metrics.jsonl")[-1]
-    assert metrics["images"] == 20
+    expected = plain_loop_metrics(out, image_folder)
+    assert metrics["images"] == expected["images"] == 20
     for key in ("top1", "top5", "se", "components"):
-        assert metrics[key] == pytest.approx(row[f"val_{key}"])
+        assert metrics[key] == pytest.approx(expected[key], abs=1e-5), key
     other = make_image_folder(tmp_path / "three", classes=3)
     assert main(["eval", "--checkpoint", str(out), "--data", str(other), "--device", "cpu", "--workers", "0"]) == 2
     assert "the model has 4 classes" in capsys.readouterr().err
+    # as many classes, one of another name: refused, the names listed
+    renamed = make_image_folder(tmp_path / "renamed", classes=4, train=1, val=2)
+    (renamed / "val" / "class3").rename(renamed / "val" / "zebra")
+    assert main(["eval", "--checkpoint", str(out), "--data", str(renamed), "--device", "cpu", "--workers", "0"]) == 2
+    err = capsys.readouterr().err
+    assert "only in the checkpoint: 1 ('class3')" in err and "1 ('zebra')" in err and "Traceback" not in err
+    # a dataset without class names (targets only) is checked by its labels alone
+    def unnamed(*args, **kwargs):
+        return dataclasses.replace(open_dataset(*args, **kwargs), classes=[])
+
+    monkeypatch.setattr("sarvit.evaluation.open_dataset", unnamed)
+    run_cli(["eval", "--checkpoint", out, "--which", "last", "--device", "cpu", "--workers", "0"])
+    assert json.loads(capsys.readouterr().out)["top1"] == pytest.approx(row["val_top1"])
+
+
+def test_train_and_val_with_different_class_names_are_refused(image_folder, tmp_path, capsys):
+    (image_folder / "val" / "class3").rename(image_folder / "val" / "zebra")
+    out = tmp_path / "run"
+    assert main(tiny_train_args(image_folder, out)) == 2
+    err = capsys.readouterr().err
+    assert "only in the train split" in err and "1 ('class3')" in err and "only in its val split: 1 ('zebra')" in err
+    assert "Traceback" not in err and not (out / "checkpoints").exists()
+
+
+def test_one_class_data_trains_with_a_warning(tmp_path, capsys):
+    data = make_image_folder(tmp_path / "data", classes=1)
+    out = tmp_path / "run"
+    run_cli(tiny_train_args(data, out, "--epochs", "1"))
+    err = capsys.readouterr().err
+    assert err.count("warning: the training set has one class only ('class0')") == 1
+    # what the warning is about: one output, so every val image counts as right
+    assert read_metrics(out / "metrics.jsonl")[-1]["val_top1"] == 100.0
 
 
 def _free_port() -> int:
@@ -254,7 +308,9 @@ def test_model_ema_and_bf16_autocast(image_folder, tmp_path):
 def test_torch_compile_training(image_folder, tmp_path):
     out = tmp_path / "run"
     run_cli(tiny_train_args(image_folder, out, "--epochs", "1", "--compile", "true"))
-    assert read_metrics(out / "metrics.jsonl")[-1]["val_top1"] >= 0
+    row = read_metrics(out / "metrics.jsonl")[-1]
+    expected = plain_loop_metrics(out, image_folder)
+    assert row["val_top1"] == pytest.approx(expected["top1"]) and row["val_se"] == pytest.approx(expected["se"], abs=1e-5)
 
 
 @pytest.mark.gpu

@@ -1,9 +1,4 @@
-"""Per-head attention maps of the last block and a figure comparing models.
-
-``cls_attention_maps`` returns, for every head, the [CLS] query's attention over the
-patch grid: the softmax of the similarity maps ``S`` of Eq. 4 over the patches (the
-maps Fig. 4 of the paper shows, without the [CLS] key's own share).
-"""
+"""The two names the demo uses, kept as thin wrappers over :mod:`.maps` and :mod:`.figures`."""
 
 from __future__ import annotations
 
@@ -12,22 +7,18 @@ from pathlib import Path
 import torch
 
 from ..entropy import spatial_entropy
+from .figures import ModelMaps, plot_attention_figure
+from .maps import attention_maps, mass_mask, similarity_components
 
 __all__ = ["cls_attention_maps", "plot_attention_grid"]
 
 
-@torch.no_grad()
 def cls_attention_maps(model: torch.nn.Module, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``images (B, 3, H, W)`` -> ``(A, S)``, both ``(B, heads, h, w)`` float32.
-
-    ``A`` sums to 1 over each head's grid; ``S`` is the pre-softmax similarity (Eq. 4).
-    """
-    was_training = model.training
-    model.eval()
-    _, S = model.forward_with_similarity(images)
-    model.train(was_training)
-    A = torch.softmax(S.flatten(-2), dim=-1).reshape(S.shape)
-    return A, S
+    """``images (B, 3, H, W)`` -> ``(attn, S)``, both ``(B, heads, h, w)`` float32: the
+    post-softmax [CLS] attention over the patches and the pre-softmax similarity (Eq. 4);
+    see :func:`.maps.attention_maps`."""
+    maps = attention_maps(model, images)
+    return maps.attn, maps.S
 
 
 def plot_attention_grid(
@@ -36,40 +27,13 @@ def plot_attention_grid(
     path: str | Path,
     captions: list[str] | None = None,
 ) -> Path:
-    """One row per image: the image, then every head of every model, each titled with the
-    head's spatial entropy and number of components.
-
-    Args:
-        images: ``(B, 3, H, W)`` in [0, 1] for display.
-        maps: model name -> ``(A, S)`` from :func:`cls_attention_maps`.
-        path: where the PNG goes.
-    """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    names = list(maps)
-    heads = maps[names[0]][0].shape[1]
-    rows, cols = images.shape[0], 1 + heads * len(names)
-    fig, axes = plt.subplots(rows, cols, figsize=(1.45 * cols, 1.55 * rows), squeeze=False)
-    for r in range(rows):
-        ax = axes[r, 0]
-        ax.imshow(images[r].permute(1, 2, 0).clamp(0, 1).cpu().numpy())
-        ax.set_title(captions[r] if captions else "input", fontsize=7)
-        for m, name in enumerate(names):
-            A, S = maps[name]
-            H, count = spatial_entropy(S[r], return_num_components=True)  # (heads,)
-            for h in range(heads):
-                ax = axes[r, 1 + m * heads + h]
-                ax.imshow(A[r, h].cpu().numpy(), cmap="inferno")
-                ax.set_title(f"{name} h{h + 1}\nSE {H[h]:.2f}, {int(count[h])} comp.", fontsize=6)
-    for ax in axes.flat:
-        ax.set_xticks([])
-        ax.set_yticks([])
-    fig.suptitle("[CLS] attention over the patch grid, last block, per head", fontsize=9)
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=130)
-    plt.close(fig)
-    return path
+    """The figure of :func:`.figures.plot_attention_figure` for ``images (B, 3, H, W)`` in
+    [0, 1] and ``maps``: model name -> ``(attn, S)`` from :func:`cls_attention_maps`."""
+    groups = [
+        ModelMaps(name, attn.cpu().numpy(), mass_mask(attn).cpu().numpy(), similarity_components(S).cpu().numpy(),
+                  spatial_entropy(S).cpu().numpy())
+        for name, (attn, S) in maps.items()
+    ]
+    display = images.permute(0, 2, 3, 1).clamp(0, 1).cpu().numpy()  # (B, H, W, 3)
+    plot_attention_figure(display, groups, path, captions)
+    return Path(path)

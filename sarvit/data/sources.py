@@ -22,6 +22,8 @@ from pathlib import Path
 import numpy as np
 from torch.utils.data import Dataset
 
+from ..errors import ConfigError, UserError
+
 __all__ = ["DatasetNotFound", "UnreadableImage", "RawDataset", "open_dataset", "DATASETS", "dataset_targets"]
 
 DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
@@ -30,11 +32,11 @@ FASHION_MNIST_FILES = (
 )
 
 
-class DatasetNotFound(FileNotFoundError):
+class DatasetNotFound(UserError, FileNotFoundError):
     """A dataset is not where sarvit looked; the message lists the places and the remedy."""
 
 
-class UnreadableImage(ValueError):
+class UnreadableImage(UserError, ValueError):
     """An image file that cannot be decoded; the message names the file."""
 
 
@@ -193,13 +195,29 @@ def imagenet100_classes() -> list[str]:
     return [line.strip() for line in text.splitlines() if line.strip() and not line.startswith("#")]
 
 
+def _class_folders(folder: Path) -> list[str]:
+    """The sub-folders of ``folder``, sorted; hidden ones (``.ipynb_checkpoints``, ...) are never classes."""
+    return sorted(d.name for d in os.scandir(folder) if d.is_dir() and not d.name.startswith("."))
+
+
+def _folders_hint(path: Path) -> str:
+    """``"; PATH holds test/, train/"``: what is there instead of the expected split folder."""
+    if not path.is_dir():
+        return ""
+    found = _class_folders(path)
+    if not found:
+        return f"; {path} holds no folder"
+    return f"; {path} holds {', '.join(f + '/' for f in found[:8])}{', ...' if len(found) > 8 else ''}"
+
+
 def _image_folder(path: Path, split: str, classes: list[str] | None = None, name: str | None = None) -> RawDataset:
     from torchvision.datasets import ImageFolder
 
     folder = path / split
     if not folder.is_dir():
-        raise _not_found(name or str(path), [folder], f"Expected {path}/train/<class>/*.jpg and {path}/val/<class>/*.jpg.")
-    present = sorted(d.name for d in os.scandir(folder) if d.is_dir())
+        expected = f"Expected {path}/train/<class>/*.jpg and {path}/val/<class>/*.jpg{_folders_hint(path)}."
+        raise _not_found(name or str(path), [folder], expected)
+    present = _class_folders(folder)
     if classes is not None:
         missing = sorted(set(classes) - set(present))
         if missing:
@@ -257,7 +275,7 @@ def open_dataset(name: str, root: str | None = None, split: str = "train", downl
     path = Path(name).expanduser()
     if path.is_dir():
         return _image_folder(path, split)
-    raise ValueError(
+    raise ConfigError(
         f"unknown dataset {name!r}: give one of {', '.join(DATASETS)}, "
         "or a folder with train/ and val/ class sub-folders"
     )

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..errors import ConfigError
+
 __all__ = ["stratified_subset"]
 
 
@@ -27,15 +29,15 @@ def stratified_subset(
     classes, counts = np.unique(targets, return_counts=True)
     if per_class is not None:
         if per_class < 1:
-            raise ValueError(f"per_class must be a positive number of images, got {per_class}")
+            raise ConfigError(f"per_class must be a positive number of images, got {per_class}")
         short = {int(c): int(n) for c, n in zip(classes, counts, strict=True) if n < per_class}
         if short:
-            raise ValueError(
+            raise ConfigError(
                 f"--per-class {per_class} asks for more images than {len(short)} classes have "
                 f"(class: count, e.g. {dict(list(short.items())[:5])}); lower it or use --train-fraction"
             )
     elif not 0.0 < fraction <= 1.0:
-        raise ValueError(f"train_fraction must be in (0, 1], got {fraction}")
+        raise ConfigError(f"train_fraction must be in (0, 1], got {fraction}")
     rng = np.random.default_rng(seed)
     chosen = []
     for c, n in zip(classes, counts, strict=True):

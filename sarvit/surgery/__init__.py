@@ -4,27 +4,48 @@
 Table 1(b)) in place and adds ``model.forward_with_similarity(x) -> (logits, S)``.
 ``model(x)`` keeps its call and its output. ``detach(model)`` restores the original
 block with the trained weights. Both dispatch on the model family; a model of no
-supported family raises ``TypeError`` naming the supported ones.
+supported family raises :class:`~sarvit.errors.UnsupportedModel` (a ``TypeError``)
+naming the supported ones.
+
+A family is a module with ``NAME`` and ``DESCRIPTION`` (what the error messages list),
+``matches(model)``, ``attach(model, layout, query)`` and ``detach(model)``; ``FAMILIES``
+is the registry, in the order families are tried.
 """
 
 from __future__ import annotations
 
 from torch import nn
 
+from ..errors import ConfigError, UnsupportedModel
 from . import vit
 from .block import LAYOUTS, BlockLayout, SARBlock, resolve_layout
 
-__all__ = ["attach", "detach", "is_attached", "BlockLayout", "LAYOUTS", "resolve_layout", "SARBlock"]
+__all__ = ["attach", "detach", "is_attached", "check_supported", "supported_families", "FAMILIES",
+           "BlockLayout", "LAYOUTS", "resolve_layout", "SARBlock"]
 
-_FAMILIES = (vit,)  # each: NAME, matches(model), attach(model, layout, query), detach(model)
+FAMILIES = [vit]  # each: NAME, DESCRIPTION, matches(model), attach(model, layout, query), detach(model)
+
+
+def supported_families() -> str:
+    """``"timm VisionTransformer (vit_*, deit_*, ...); ..."``: the registry, in words."""
+    return "; ".join(f"{f.NAME} ({f.DESCRIPTION})" for f in FAMILIES)
 
 
 def _family(model: nn.Module):
-    for family in _FAMILIES:
+    for family in FAMILIES:
         if family.matches(model):
             return family
-    supported = "; ".join(f.NAME for f in _FAMILIES)
-    raise TypeError(f"SAR does not support {type(model).__name__} models yet. Supported: {supported}")
+    cls = type(model)
+    what = f"{cls.__module__}.{cls.__qualname__}"
+    library = cls.__module__.split(".")[0]
+    if library not in ("timm", "sarvit", "torch"):
+        what += f" ({library}'s {cls.__name__}, not timm's: create the model with timm.create_model)"
+    raise UnsupportedModel(f"SAR does not support {what}. SAR supports these families: {supported_families()}")
+
+
+def check_supported(model: nn.Module) -> None:
+    """Raise :class:`~sarvit.errors.UnsupportedModel` unless ``model`` is of a supported family."""
+    _family(model)
 
 
 def attach(model: nn.Module, layout: str | BlockLayout = "sar", query: str = "auto") -> nn.Module:
@@ -42,7 +63,7 @@ def attach(model: nn.Module, layout: str | BlockLayout = "sar", query: str = "au
         is float32 ``(B, heads, h, w)``.
     """
     if query not in ("auto", "cls", "mean"):
-        raise ValueError(f"query must be 'auto', 'cls' or 'mean', got {query!r}")
+        raise ConfigError(f"query must be 'auto', 'cls' or 'mean', got {query!r}")
     return _family(model).attach(model, resolve_layout(layout), query)
 
 

@@ -8,11 +8,14 @@ from types import MethodType
 import torch
 from torch import nn
 
+from ..errors import ConfigError, UnsupportedModel
 from .block import BlockLayout, SARBlock
 
 __all__ = ["matches", "attach", "detach"]
 
-NAME = "timm VisionTransformer (vit_*, deit_*, deit3_*, distilled DeiT, register and LayerScale variants)"
+NAME = "timm VisionTransformer"
+DESCRIPTION = ("timm.models.vision_transformer.VisionTransformer: vit_*, deit_*, deit3_*, distilled DeiT, "
+               "register and LayerScale variants, with a pre-norm last block")
 
 
 def matches(model: nn.Module) -> bool:
@@ -29,22 +32,22 @@ def _check(model: nn.Module, query: str) -> None:
     if isinstance(last, SARBlock):
         raise ValueError("this model already has SAR attached; call sarvit.detach(model) first")
     if not isinstance(last, Block) or not isinstance(last.attn, Attention):
-        raise TypeError(
+        raise UnsupportedModel(
             f"SAR needs a standard pre-norm last block with timm's Attention; this model's last "
             f"block is {type(last).__name__} with {type(getattr(last, 'attn', None)).__name__}. "
-            f"Supported: {NAME}"
+            f"Supported: {NAME} ({DESCRIPTION})"
         )
     if any(True for _ in last.named_parameters(recurse=False)) or any(True for _ in last.named_buffers(recurse=False)):
-        raise TypeError(f"the last block {type(last).__name__} holds tensors of its own; SAR cannot wrap it")
+        raise UnsupportedModel(f"the last block {type(last).__name__} holds tensors of its own; SAR cannot wrap it")
     if not isinstance(model.patch_drop, nn.Identity):
-        raise ValueError(
+        raise ConfigError(
             "patch dropout removes tokens from the grid, so the similarity maps lose their "
             "spatial layout; create the model with patch_drop_rate=0"
         )
     if getattr(model, "attn_pool", None) is not None and query == "cls":
-        raise ValueError("models with attention pooling have no class token; use query='mean'")
+        raise ConfigError("models with attention pooling have no class token; use query='mean'")
     if query == "cls" and getattr(model, "cls_token", None) is None:
-        raise ValueError("this model has no class token; attach it with query='mean' (the default 'auto' does)")
+        raise ConfigError("this model has no class token; attach it with query='mean' (the default 'auto' does)")
 
 
 def attach(model: nn.Module, layout: BlockLayout, query: str) -> nn.Module:
