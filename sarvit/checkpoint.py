@@ -46,7 +46,18 @@ def save_weights(model: torch.nn.Module, path: str | Path, metadata: dict[str, A
     """Write ``model.state_dict()`` as safetensors, atomically; ``metadata`` goes in as JSON."""
     tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     meta = {METADATA_KEY: json.dumps(metadata or {})}
-    return atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=meta))
+
+    def write(tmp: Path) -> None:
+        save_file(tensors, str(tmp), metadata=meta)
+        os.chmod(tmp, 0o666 & ~_umask())  # safetensors creates its files private (0600), unlike every other file
+
+    return atomic_write(path, write)
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def load_weights(path: str | Path, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
@@ -149,15 +160,19 @@ def save_checkpoint(
     staging = root / f".{final.name}.tmp-{os.getpid()}"
     remove(staging)
     staging.mkdir()
-    save_weights(model, staging / WEIGHTS, metadata)
-    if ema is not None:
-        save_weights(ema, staging / EMA_WEIGHTS, metadata)
-    atomic_write(staging / STATE, lambda tmp: torch.save(state, tmp))
-    manifest = _manifest(staging)
-    atomic_write(staging / MANIFEST, lambda tmp: tmp.write_text(json.dumps(manifest, indent=1)))
-    problem = verify_checkpoint(staging)  # re-read from the disk before it replaces anything
-    if problem is not None:
-        raise OSError(f"the checkpoint just written does not read back ({problem}); the previous one is kept")
+    try:
+        save_weights(model, staging / WEIGHTS, metadata)
+        if ema is not None:
+            save_weights(ema, staging / EMA_WEIGHTS, metadata)
+        atomic_write(staging / STATE, lambda tmp: torch.save(state, tmp))
+        manifest = _manifest(staging)
+        atomic_write(staging / MANIFEST, lambda tmp: tmp.write_text(json.dumps(manifest, indent=1)))
+        problem = verify_checkpoint(staging)  # re-read from the disk before it replaces anything
+        if problem is not None:
+            raise OSError(f"the checkpoint just written does not read back ({problem}); the previous one is kept")
+    except BaseException:  # a full disk: the half-written folder would hold on to the space the user frees
+        remove(staging)
+        raise
     if final.exists():  # the same step saved again: move the old one aside (a kill here leaves `previous`)
         os.replace(final, root / f".{final.name}.old.tmp-{os.getpid()}")
     os.replace(staging, final)

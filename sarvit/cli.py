@@ -84,7 +84,8 @@ def _add_eval(sub) -> None:
         description="Evaluate weights saved by `sarvit train` (a run folder or a .safetensors file) on a "
         "dataset's validation/test split.",
     )
-    p.add_argument("--checkpoint", required=True, help="run folder or .safetensors file")
+    p.add_argument("--checkpoint", required=True, help="run folder, checkpoint folder (RUN/checkpoints/step-N) "
+                   "or .safetensors file")
     p.add_argument("--which", default="best", choices=["best", "last", "best_ema"], help="weights of a run folder")
     p.add_argument("--data", help="dataset name or ImageFolder root (default: the one the model was trained on)")
     p.add_argument("--data-root", help="folder where the named dataset lies")
@@ -137,7 +138,7 @@ def _add_attention(sub) -> None:
         "attention",
         help="draw the last block's attention, 60%%-mass masks and components of checkpoints, per head",
         description="One row pair per image, one column group per checkpoint, one column per head: the post-softmax "
-        "[CLS] attention with the outline of its 60%% mass, and the connected components of ReLU(S - mean). Images "
+        "[CLS] attention with the outline of its 60% mass, and the connected components of ReLU(S - mean). Images "
         "are resized to --img-size without a crop; checkpoints trained at another size are resampled.",
         epilog="example: sarvit attention --checkpoint runs/baseline --checkpoint runs/sar --data voc2012 "
         "--data-root ~/data --images 4 --img-size 480 --output attention.png",
@@ -159,7 +160,7 @@ def _add_jaccard(sub) -> None:
     p = sub.add_parser(
         "jaccard",
         help="Jaccard similarity of the thresholded attention with object masks (Table 11 protocol)",
-        description="Per head keep 60%% of the post-softmax [CLS] attention mass at --img-size x --img-size, upsample "
+        description="Per head keep 60% of the post-softmax [CLS] attention mass at --img-size x --img-size, upsample "
         "it by the patch size, take the best IoU over heads for each object class of an image (0 and 255 excluded), "
         "average over the objects, then over the images. Void pixels (255) count in the union, as in the published "
         "evaluation, unless --void-fix.",
@@ -232,15 +233,23 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    overrides = {k: v for k, v in vars(args).items() if k in FIELDS}
-    if args.config and "output" not in overrides:
-        from .runs import RunFolder
+    from .runs import RunFolder, run_folder_of
 
-        recipe = Path(args.config).expanduser()
+    overrides = {k: v for k, v in vars(args).items() if k in FIELDS}
+    config = args.config
+    if config is None and overrides.get("resume") not in (None, "auto"):
+        run = RunFolder(run_folder_of(Path(overrides["resume"]).expanduser()))
+        if run.config.is_file():  # `--resume RUN` alone: the run's own options
+            config = str(run.config)
+    if config and "output" not in overrides:
+        recipe = Path(config).expanduser()
         if recipe.name == "config.yaml" and RunFolder(recipe.parent).holds_run():
-            # a run's own options: the run is where that file lies now, not where it was written
-            overrides["output"] = str(recipe.parent.resolve())
-    cfg = load_config(args.config, overrides)  # option errors answer before torch is imported
+            # a run's own options: the run is where that file lies now, not where it was written;
+            # --resume and --extend are choices of the session that wrote it, not of this one
+            overrides["output"] = os.path.abspath(recipe.parent)
+            overrides.setdefault("resume", None)
+            overrides.setdefault("extend", False)
+    cfg = load_config(config, overrides)  # option errors answer before torch is imported
     from .train import train
 
     train(cfg)
@@ -250,6 +259,10 @@ def _cmd_train(args: argparse.Namespace) -> int:
 def _cmd_eval(args: argparse.Namespace) -> int:
     if args.output:
         _check_writable_file(args.output)  # before minutes of evaluation, not after
+    if not Path(args.checkpoint).expanduser().exists():  # answered before torch is imported
+        from .errors import WeightsNotFound
+
+        raise WeightsNotFound(f"no such file or run folder: {args.checkpoint}")
     from .evaluation import evaluate_checkpoint
 
     if args.corruptions is not None or args.data in ("imagenet_c", "imagenet_a"):
@@ -361,6 +374,21 @@ def _cmd_data(args: argparse.Namespace) -> int:
     return 0
 
 
+def _thread_fault_hook(command: str, default):
+    """A ``threading.excepthook`` that words an environment fault in a background thread
+    (TensorBoard's writer on a full disk) as one line, as the main thread's are; a bug there
+    keeps its traceback."""
+
+    def hook(args) -> None:
+        message = user_message(args.exc_value) if args.exc_value is not None else None
+        if message is None:
+            default(args)
+        else:
+            print(f"sarvit {command}: error in a background writer: {message}", file=sys.stderr)
+
+    return hook
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -369,18 +397,30 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
+    import threading
+
+    debug = os.environ.get("SARVIT_DEBUG", "") not in ("", "0")
+    hook = threading.excepthook
+    if not debug:
+        threading.excepthook = _thread_fault_hook(args.command, hook)
     try:
         return commands[args.command](args)
     except KeyboardInterrupt:
-        print(f"sarvit {args.command}: interrupted; `--resume auto` continues from the last checkpoint",
-              file=sys.stderr)
+        then = {"train": "; `--resume auto` continues from the last checkpoint",
+                "demo": "; `--resume` with the same --output continues it"}.get(args.command, "")
+        print(f"sarvit {args.command}: interrupted{then}", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `sarvit recipes | head -1`: the reader left; nothing to report
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
     except Exception as err:
-        message = None if os.environ.get("SARVIT_DEBUG", "") not in ("", "0") else user_message(err)
+        message = None if debug else user_message(err)
         if message is None:  # a bug, or SARVIT_DEBUG=1: the traceback
             raise
         print(f"sarvit {args.command}: error: {message}\n(set SARVIT_DEBUG=1 to see the traceback)", file=sys.stderr)
         return 2
+    finally:
+        threading.excepthook = hook
 
 
 if __name__ == "__main__":

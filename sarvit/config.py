@@ -357,7 +357,16 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
     """Defaults <- YAML recipe (a path or a shipped recipe's name) <- ``overrides``."""
     values: dict[str, Any] = {}
     if path is not None:
-        values.update(read_recipe(path))
+        recipe = read_recipe(path)
+        overridden = {field_name(key) for key in overrides or {}}
+        try:  # a recipe's own mistakes name the recipe (those of values the command line replaces too)
+            for key, value in recipe.items():
+                name = field_name(key)
+                if name not in overridden:
+                    check_field(name, parse_value(name, value))
+        except ConfigError as err:
+            raise ConfigError(f"{recipe_path(str(path))}: {err}") from None
+        values.update(recipe)
     values.update(overrides or {})
     return apply_overrides(TrainConfig(), values)
 

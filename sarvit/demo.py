@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from .runs import atomic_write
-from .config import load_config
+from .config import ConfigError, load_config
 from .train import train
 
 __all__ = ["run_demo"]
@@ -46,6 +46,7 @@ def run_demo(output: str | None = None, *, epochs: int | None = None, per_class:
              resume: bool = False) -> dict[str, Any]:
     """Run the demo into ``output`` (default ``reports/demo-<timestamp>``); returns the summary."""
     out = Path(output) if output else Path(f"reports/demo-{datetime.now():%Y%m%d-%H%M%S}")
+    _check_report_folder(out, output, resume)
     overrides: dict[str, Any] = {}
     if epochs is not None:
         overrides.update(epochs=epochs, eval_interval=epochs)
@@ -65,6 +66,25 @@ def run_demo(output: str | None = None, *, epochs: int | None = None, per_class:
     print("\n" + _table(summary))
     print(f"\nreport: {out / 'report.md'}\nfigure: {figure}")
     return summary
+
+
+REPORT_FILES = {"baseline", "sar", "report.md", "summary.json", "attention.png"}  # what a demo writes
+
+
+def _check_report_folder(out: Path, output: str | None, resume: bool) -> None:
+    """Refuse a report folder that is not the demo's to write (before anything is trained)."""
+    if resume and output is None:
+        raise ConfigError("--resume continues an interrupted demo: give its report folder with --output")
+    held = sorted(p.name for p in out.iterdir() if not p.name.startswith(".")) if out.is_dir() else []
+    foreign = [name for name in held if name not in REPORT_FILES]
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--output {out} is a file; give a folder for the demo's report")
+    if foreign:
+        raise ConfigError(f"--output {out} holds files the demo did not write ({', '.join(foreign[:5])}); choose "
+                          "another folder (nothing there is overwritten)")
+    if held and not resume:
+        raise ConfigError(f"--output {out} already holds a demo; add --resume to continue it, or choose another "
+                          "folder (nothing there is overwritten)")
 
 
 def _figure(out: Path, cfg) -> Path:

@@ -87,6 +87,13 @@ def resolve_weights(path: str | Path, which: str = "best") -> Path:
         return path
     if not path.is_dir():
         raise WeightsNotFound(f"no such file or run folder: {path}")
+    from .checkpoint import EMA_WEIGHTS, STATE, WEIGHTS
+
+    if (path / STATE).is_file():  # a checkpoint folder (checkpoints/step-N, checkpoints/last): its own weights
+        own = path / (EMA_WEIGHTS if which == "best_ema" else WEIGHTS)
+        if own.is_file():
+            return own
+        raise WeightsNotFound(f"checkpoint {path} holds no {own.name}; looked for: {own}")
     candidates = [path / name for name in RUN_WEIGHTS[which]]
     for c in candidates:
         if c.parent.name == "last" and c.parent.parent.name == "checkpoints":

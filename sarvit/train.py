@@ -168,7 +168,8 @@ def _train(cfg: TrainConfig, dist: Dist, stack: ExitStack) -> dict[str, Any]:
         for warning in plan.warnings:
             print(f"sarvit train: warning: {warning}", file=sys.stderr, flush=True)
         print(_banner(cfg, dist, data, layout, parts, plan), flush=True)
-    kept = [plan.resume_from.name if plan.resume_from is not None else None]  # the checkpoint to keep
+    # the checkpoint to keep besides the next one (`--resume RUN/checkpoints/last` names the folder it points to)
+    kept = [plan.resume_from.resolve().name if plan.resume_from is not None else None]
     epoch_start = time.perf_counter()
 
     def save() -> None:
@@ -266,7 +267,8 @@ def _run_folder(cfg: TrainConfig) -> RunFolder:
         raise ConfigError(f"--resume {cfg.resume}: no run there (no config.yaml, no checkpoints/); give the run "
                           "folder (or one of its checkpoints/step-* folders), or `auto` to continue --output")
     recorded = _saved_config(run).get("output")
-    if cfg.output is not None and cfg.output not in (str(run.root), recorded and _absolute(recorded)):
+    same = {os.path.realpath(p) for p in (run.root, recorded) if p}  # through symlinks: one folder, one run
+    if cfg.output is not None and os.path.realpath(cfg.output) not in same:
         raise ConfigError(f"--resume {cfg.resume} continues the run in {run.root}, but --output names "
                           f"{cfg.output}: a run is resumed where it lies. Drop --output, or copy the run folder "
                           f"to {cfg.output} and resume that copy.")
@@ -298,10 +300,13 @@ def _plan_run(cfg: TrainConfig, dist: Dist, extend: bool, stack: ExitStack) -> P
     plan.extend_from = _check_same_experiment(cfg, run, extend)
     chosen = _choose_checkpoint(cfg, run) if dist.main else None
     plan.resume_from, skipped = gather_objects(chosen)[0]  # every rank resumes from rank 0's choice
-    if skipped:
+    if skipped and plan.resume_from is None:
+        plan.warnings.append("; ".join(skipped) + ": the run starts again from its first epoch, and the records "
+                             "of that epoch are written again")
+    elif skipped:
         plan.warnings.append("; ".join(skipped) + f"; resuming from the previous complete checkpoint "
                              f"{plan.resume_from.name}")
-    if plan.resume_from is None:
+    elif plan.resume_from is None:
         plan.notes.append(f"no checkpoint in {run.root} yet: the run starts from its first epoch")
     return plan
 
@@ -317,6 +322,9 @@ def _choose_checkpoint(cfg: TrainConfig, run: RunFolder) -> tuple[Path | None, t
         return given, ()
     found = ckpt.find_checkpoint(run.root)
     progress = run.progress()
+    if found.path is None and progress and _first_checkpoint_unfinished(run):
+        return None, ("no checkpoint was completed (the run was stopped, or the disk filled, while its first one "
+                      "was written)",)
     if found.path is None and progress:
         why = "; ".join(found.skipped) or "checkpoints/ holds none"
         raise ConfigError(
@@ -324,6 +332,15 @@ def _choose_checkpoint(cfg: TrainConfig, run: RunFolder) -> tuple[Path | None, t
             "Nothing was changed. To train it again from the start, move the folder away or choose another --output."
         )
     return found.path, found.skipped
+
+
+def _first_checkpoint_unfinished(run: RunFolder) -> bool:
+    """Whether the run never completed a checkpoint: checkpoints/ holds none (not even a
+    dangling ``last``), and the records reach no further than the first epoch, whose end
+    writes the first checkpoint. Starting over then loses at most that epoch."""
+    if run.last.is_symlink() or run.step_folders() or run.summary.exists():
+        return False
+    return all(row.get("epoch", 0) <= 1 for row in read_metrics(run.metrics))
 
 
 def _same(key: str, saved: Any, now: Any) -> bool:
@@ -375,7 +392,8 @@ def _write_run_folder(cfg: TrainConfig, dist: Dist, plan: Plan, data: Data, stac
             if run.holds_run():  # another process started a run here during the set-up
                 raise ConfigError(f"run folder {run.root} was filled by another run while this one was being "
                                   "set up; choose another --output")
-        text = yaml.safe_dump(to_dict(dataclasses.replace(cfg, output=str(run.root))), sort_keys=False)
+        # the experiment's options; `resume` is this session's (a path in it would outlive a move of the run)
+        text = yaml.safe_dump(to_dict(dataclasses.replace(cfg, output=str(run.root), resume=None)), sort_keys=False)
         atomic_write(run.config, lambda tmp: tmp.write_text(text))
         indices = data.train_loader.dataset.indices
         if indices is not None:

@@ -132,6 +132,9 @@ def test_plain_timm_weights_need_and_use_model_name(tmp_path):
         load_analysis_model(path, img_size=32)
     with pytest.raises(UserError, match="unknown timm model"):
         load_analysis_model(path, img_size=32, model_name="vit_nonexistent")
+    # another architecture: the message names the first tensor that does not fit, not torch's header line
+    with pytest.raises(UserError, match=r"small_patch16_224 weights: Missing key\(s\) in state_dict: \"blocks\.2\."):
+        load_analysis_model(path, img_size=32, model_name="vit_small_patch16_224")
 
 
 def test_figure_draws_the_arrays_it_is_given():
@@ -146,6 +149,29 @@ def test_figure_draws_the_arrays_it_is_given():
     heat = [ax for ax in fig.axes if ax.get_title() == "head 2"][0].images[1].get_array()
     np.testing.assert_array_equal(np.asarray(heat), attn[0, 1])
     assert [t.get_text() for t in fig.texts][1] == "run"
+
+
+def test_figure_mass_row_colour_scale_and_titles_inside_the_figure():
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    rng = np.random.default_rng(2)
+    attn = 0.01 + 0.001 * rng.random((1, 1, 4, 4))  # nearly flat, as an untrained model's
+    mass = attn > np.median(attn)
+    maps = ModelMaps("a-run-folder-with-a-rather-long-name-seed-3", attn, mass, np.zeros((1, 1, 4, 4), int),
+                     np.zeros((1, 1)))
+    fig = plot_attention_figure(rng.random((1, 32, 32, 3)), [maps], captions=["x" * 60],
+                                title="Last block at 480x480, per head: a title far longer than one narrow group")
+    FigureCanvasAgg(fig).draw()
+    renderer = fig.canvas.get_renderer()
+    shown = [t for t in fig.texts] + [ax.title for ax in fig.axes if ax.get_title()]
+    for text in shown:
+        box = text.get_window_extent(renderer)
+        assert box.x0 >= 0 and box.x1 <= fig.bbox.width and box.y0 >= 0 and box.y1 <= fig.bbox.height, text.get_text()
+    heat = [ax for ax in fig.axes if ax.get_title() == "head 1"][0].images[1]
+    assert heat.get_clim() == (attn.min(), attn.max())  # the scale spans the maps, not [0, max]
+    panel = [ax for ax in fig.axes if ax.get_title() == f"60% mass: {mass.sum()}/16 patches"][0]
+    veil = panel.images[1].get_array()
+    np.testing.assert_array_equal(np.ma.getmaskarray(veil), mass[0, 0])  # darkened exactly where dropped
 
 
 def write_images(folder: Path, count: int) -> Path:
@@ -174,8 +200,10 @@ def test_unreadable_image_is_named(tmp_path):
     (images / "broken.jpg").write_bytes(b"not a jpeg")
     from sarvit.analysis.gallery import attention_figure
 
-    with pytest.raises(UserError, match="broken.jpg"):
+    with pytest.raises(UserError, match="broken.jpg") as caught:
         attention_figure([str(run)], tmp_path / "f.png", image_dir=str(images), count=5, device="cpu")
+    assert "a run continues" not in str(caught.value)  # the resume hint is about training runs only
+    assert "interrupted `sarvit train`" in str(caught.value)
     with pytest.raises(UserError, match=".png"):
         attention_figure([str(run)], tmp_path / "f.pdf", image_dir=str(images), device="cpu")
 

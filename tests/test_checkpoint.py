@@ -2,6 +2,7 @@ import hashlib
 import json
 import os
 
+import pytest
 import torch
 
 from sarvit import checkpoint as ckpt
@@ -102,3 +103,27 @@ def test_saving_the_same_step_again_replaces_it(tmp_path):
     last = ckpt.latest_checkpoint(tmp_path)
     assert last.name == "step-00000010" and ckpt.load_state(last) == {"step": 10, "again": True}
     assert sorted(os.listdir(tmp_path / "checkpoints")) == ["last", "step-00000010"]
+
+
+def test_a_failed_save_leaves_the_previous_checkpoint_and_no_half_written_folder(tmp_path, monkeypatch):
+    save(tmp_path, 5)
+
+    def disk_full(obj, f, *args, **kwargs):
+        open(f, "wb").write(b"partial")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        save(tmp_path, 10)
+    assert sorted(os.listdir(tmp_path / "checkpoints")) == ["last", "step-00000005"]  # nothing holds the space
+    monkeypatch.undo()
+    assert ckpt.load_state(ckpt.latest_checkpoint(tmp_path)) == {"step": 5}
+
+
+def test_weights_files_get_the_permissions_of_every_other_file(tmp_path):
+    plain = tmp_path / "plain.txt"
+    plain.write_text("x")  # created as any file is, under the process's umask
+    ckpt.save_weights(small_model(1.0), tmp_path / "w.safetensors")
+    folder = save(tmp_path / "run", 3)
+    for path in (tmp_path / "w.safetensors", folder / ckpt.WEIGHTS, folder / ckpt.STATE):
+        assert oct(path.stat().st_mode & 0o777) == oct(plain.stat().st_mode & 0o777), path

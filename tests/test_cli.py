@@ -41,6 +41,7 @@ fast = ["--data", "/nonexistent", "--epochs", "1", "--device", "cpu"]  # were an
 assert main(["train", "--lambda", "-1", *fast]) == 2
 assert main(["train", "--config", "fashion_mnist_cpu", "--clip-grad", "-1", *fast]) == 2
 assert main(["recipes"]) == 0
+assert main(["eval", "--checkpoint", "/nonexistent/run"]) == 2
 import sarvit
 assert sarvit.__version__ and "attach" in sarvit.__all__
 print("HEAVY", sorted(m for m in ("torch", "timm", "sarvit.train", "sarvit.factory") if m in sys.modules))
@@ -50,6 +51,33 @@ print("HEAVY", sorted(m for m in ("torch", "timm", "sarvit.train", "sarvit.facto
     assert "HEAVY []" in proc.stdout
     assert "lambda must be >= 0; got -1" in proc.stderr and "clip_grad must be > 0 or none; got -1" in proc.stderr
     assert "fashion_mnist_cpu" in proc.stdout  # the recipes were listed
+    assert "no such file or run folder: /nonexistent/run" in proc.stderr
+
+
+def test_a_reader_that_leaves_early_gets_no_traceback():
+    proc = subprocess.run(f"{sys.executable} -m sarvit.cli recipes | head -c 1", shell=True, capture_output=True,
+                          text=True)
+    assert len(proc.stdout) == 1 and "Traceback" not in proc.stderr and "Broken pipe" not in proc.stderr, proc.stderr
+
+
+def test_a_disk_full_in_a_background_writer_is_one_line(monkeypatch, capsys):
+    import threading
+
+    def writes_in_a_thread(args):  # as TensorBoard's event writer does
+        def write():
+            raise OSError(errno.ENOSPC, "No space left on device", "/runs/x/tensorboard/events")
+
+        thread = threading.Thread(target=write)
+        thread.start()
+        thread.join()
+        return 0
+
+    monkeypatch.setattr(cli, "_cmd_recipes", writes_in_a_thread)
+    assert main(["recipes"]) == 0
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    assert err.strip() == ("sarvit recipes: error in a background writer: no space left on device while writing "
+                           "/runs/x/tensorboard/events: free space and `--resume auto`")
 
 
 def test_the_public_names_still_import_lazily():

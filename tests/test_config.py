@@ -236,3 +236,19 @@ def test_validate_with_libraries_accepts_the_shipped_recipes_and_reads_auto_augm
         assert validate_with_libraries(cfg) is cfg
     with pytest.raises(ConfigError, match="auto_augment 'rand-zz1': timm cannot read it"):
         _check_auto_augment_with_timm("rand-zz1", 32)  # past the grammar check, timm's parser is the judge
+
+
+@pytest.mark.parametrize("line,message", [
+    ("bogus_key: 1", "unknown option 'bogus_key'"),
+    ("lambda: .nan", "lambda must be a finite number >= 0; got nan"),
+    ("epochs: [3]", "epochs: cannot read [3] as int"),
+])
+def test_a_recipes_mistakes_name_the_recipe(tmp_path, line, message):
+    recipe = tmp_path / "mine.yaml"
+    recipe.write_text(f"epochs: 3\n{line}\n")
+    with pytest.raises(ConfigError) as caught:
+        load_config(recipe)
+    assert str(caught.value).startswith(f"{recipe}: ") and message in str(caught.value)
+    if not line.startswith("bogus"):  # a value the command line replaces is not the recipe's to answer for
+        option = line.split(":")[0]
+        assert getattr(load_config(recipe, {option: "5"}), "lambda_" if option == "lambda" else option) == 5

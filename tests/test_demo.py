@@ -53,3 +53,25 @@ def test_demo_reports_what_its_runs_measured(tmp_path, capsys):
     delta = saved["runs"]["sar"]["top1"] - saved["runs"]["baseline"]["top1"]
     assert f"{abs(delta):.2f} top-1 points" in report
     assert (out / "attention.png").stat().st_size > 10_000
+
+
+def test_the_demo_writes_only_into_a_folder_of_its_own(tmp_path, monkeypatch):
+    from sarvit import demo
+
+    trained = []
+    monkeypatch.setattr(demo, "train", lambda cfg: trained.append(cfg) or {})  # nothing may be trained
+    run = tmp_path / "run"  # a training run's folder
+    run.mkdir()
+    (run / "summary.json").write_text("{}")
+    (run / "config.yaml").write_text("epochs: 1\n")
+    with pytest.raises(demo.ConfigError, match=r"holds files the demo did not write \(config.yaml\)"):
+        run_demo(str(run))
+    with pytest.raises(demo.ConfigError, match="holds files the demo did not write"):
+        run_demo(str(run), resume=True)
+    with pytest.raises(demo.ConfigError, match="give its report folder with --output"):
+        run_demo(None, resume=True)
+    report = tmp_path / "report"
+    (report / "baseline").mkdir(parents=True)
+    with pytest.raises(demo.ConfigError, match="already holds a demo; add --resume"):
+        run_demo(str(report))
+    assert trained == [] and (run / "summary.json").read_text() == "{}"

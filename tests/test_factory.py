@@ -155,6 +155,12 @@ def test_resolve_weights_in_a_run_folder(tmp_path):
     assert resolve_weights(run, "best") == run / "best.safetensors"
     assert resolve_weights(run, "last") == second / "model.safetensors" == last.resolve()
     assert resolve_weights(run / "best.safetensors", "last") == run / "best.safetensors"  # a file is itself
+    for which in ("best", "last"):  # a checkpoint folder: its own weights, whatever --which says
+        assert resolve_weights(first, which) == first / "model.safetensors"
+        last_folder = run / "checkpoints" / "last"
+        assert resolve_weights(last_folder, which) == last_folder / "model.safetensors"
+    with pytest.raises(WeightsNotFound, match=f"checkpoint {first} holds no ema.safetensors"):
+        resolve_weights(first, "best_ema")
     with open(second / "model.safetensors", "r+b") as f:  # a damaged `last`: the checkpoint before it
         f.truncate(10)
     assert resolve_weights(run, "last") == first / "model.safetensors"

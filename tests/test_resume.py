@@ -234,3 +234,74 @@ def test_extend_lengthens_a_finished_run_only_when_asked(image_folder, tmp_path,
     # epoch 3 ends at step 18 of a 4-epoch schedule (6 warm-up steps), not of the 2-epoch one
     assert rows[2]["lr"] == pytest.approx(cosine_lr(18, 24, 6))
     assert yaml.safe_load((out / "config.yaml").read_text())["epochs"] == 4
+
+
+def test_a_run_stopped_while_writing_its_first_checkpoint_resumes(image_folder, tmp_path, monkeypatch, capsys):
+    """Killed (or out of disk) between epoch 1's records and its checkpoint: the folder holds
+    metrics.jsonl and best.safetensors but no checkpoint; --resume auto starts that epoch again."""
+    run_ok(tiny_train_args(image_folder, tmp_path / "full"))
+    out = tmp_path / "run"
+    real = ckpt.save_checkpoint
+
+    def disk_full(run_dir, step, *args, **kwargs):
+        if step == 6:  # the first checkpoint, at the end of epoch 1
+            raise OSError(28, "No space left on device")
+        return real(run_dir, step, *args, **kwargs)
+
+    monkeypatch.setattr(ckpt, "save_checkpoint", disk_full)
+    err = run_fails(tiny_train_args(image_folder, out), capsys)
+    monkeypatch.undo()
+    assert "no space left on device" in err
+    assert [r["epoch"] for r in read_metrics(out / "metrics.jsonl")] == [1] and (out / "best.safetensors").exists()
+    capsys.readouterr()
+    run_ok(tiny_train_args(image_folder, out, "--resume", "auto"))
+    assert "the run starts again from its first epoch" in capsys.readouterr().err
+    assert [r["epoch"] for r in read_metrics(out / "metrics.jsonl")] == [1, 2]
+    ours = load_file(str(out / "checkpoints" / "last" / "model.safetensors"))
+    reference = load_file(str(tmp_path / "full" / "checkpoints" / "last" / "model.safetensors"))
+    assert all((ours[k] == reference[k]).all() for k in reference)
+
+
+def test_a_moved_run_resumes_from_its_own_config_and_from_resume_alone(image_folder, tmp_path, capsys):
+    first = tmp_path / "first"
+    run_ok(tiny_train_args(image_folder, first, "--epochs", "1"))
+    run_ok(["train", "--config", first / "config.yaml", "--resume", first])  # config.yaml records this session
+    moved = tmp_path / "moved"
+    shutil.move(first, moved)
+    err = run_fails(["train", "--config", moved / "config.yaml"], capsys)  # not the path of the earlier session
+    assert f"run folder {moved} already exists" in err and "--resume auto" in err and str(first) not in err
+    run_ok(["train", "--config", moved / "config.yaml", "--resume", "auto", "--epochs", "2", "--extend", "true"])
+    assert [r["epoch"] for r in read_metrics(moved / "metrics.jsonl")] == [1, 2]
+    again = tmp_path / "again"
+    shutil.move(moved, again)
+    capsys.readouterr()
+    run_ok(["train", "--resume", again, "--epochs", "3", "--extend", "true"])  # the run's options, from its folder
+    assert "resuming from" in capsys.readouterr().out
+    assert [r["epoch"] for r in read_metrics(again / "metrics.jsonl")] == [1, 2, 3]
+    # config.yaml records that a session extended the run; a later session extends only when it asks
+    assert yaml.safe_load((again / "config.yaml").read_text())["extend"] is True
+    assert "add --extend true" in run_fails(["train", "--resume", again, "--epochs", "4"], capsys)
+    assert "add --extend true" in run_fails(["train", "--config", again / "config.yaml", "--resume", "auto",
+                                             "--epochs", "4"], capsys)
+    assert not first.exists() and not moved.exists()
+
+
+def test_resuming_from_checkpoints_last_keeps_the_checkpoint_it_points_to(image_folder, tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    run_ok(tiny_train_args(image_folder, out))  # checkpoints of steps 6 and 12
+    interrupt_after_checkpoint(monkeypatch, 14)
+    argv = tiny_train_args(image_folder, out, "--resume", out / "checkpoints" / "last", "--epochs", "3", "--extend",
+                           "true", "--checkpoint-interval", "2")
+    assert main([str(a) for a in argv]) == 130
+    assert sorted(os.listdir(out / "checkpoints")) == ["last", "step-00000012", "step-00000014"]
+
+
+def test_a_run_reached_through_a_symlink_is_one_run(image_folder, tmp_path, capsys):
+    real = tmp_path / "real"
+    real.mkdir()
+    (tmp_path / "link").symlink_to(real)
+    run = tmp_path / "link" / "run"
+    run_ok(tiny_train_args(image_folder, run, "--epochs", "1"))  # recorded through the link
+    run_ok(["train", "--config", run / "config.yaml", "--resume", run / "checkpoints" / "last", "--epochs", "2",
+            "--extend", "true"])
+    assert [r["epoch"] for r in read_metrics(real / "run" / "metrics.jsonl")] == [1, 2]

@@ -23,7 +23,7 @@ from sarvit.robustness import (
     ALEXNET_ERRORS, CorruptedViews, Reference, evaluate_corruptions, evaluate_imagenet_a, evaluate_imagenet_c,
     load_reference, predict, resolve_corruptions, resolve_severities, summarise,
 )
-from sarvit.robustness.corruptions import corrupt_array
+from sarvit.robustness.corruptions import corrupt_array, corruption_names
 from tests.conftest import make_image_folder
 
 KWARGS = {"patch_size": 4, "embed_dim": 24, "depth": 2, "num_heads": 2, "mlp_ratio": 2.0}
@@ -218,6 +218,16 @@ def test_reference_files(tmp_path):
         load_reference(run).check(["fog", "snow"], [1, 2])
     with pytest.raises(ConfigError, match="no such JSON"):
         load_reference(tmp_path / "nowhere")
+    # a reference evaluated on other images does not normalise these: refused, naming both datasets
+    (run / "corruptions.json").write_text(json.dumps({"data": "cifar10", "errors": {"fog": {"1": 20}}}))
+    load_reference(run).check_data("cifar10")
+    with pytest.raises(ConfigError, match="evaluated on cifar10, this evaluation is on fashion_mnist"):
+        load_reference(run).check_data("fashion_mnist")
+    folder = tmp_path / "images"
+    folder.mkdir()
+    (run / "corruptions.json").write_text(json.dumps({"data": str(folder), "errors": {"fog": {"1": 20}}}))
+    load_reference(run).check_data(str(tmp_path / "." / "images"))  # the same folder, spelt otherwise
+    load_reference(listed).check_data("anything")  # a plain table of errors says nothing about its data
 
 
 def test_option_ranges():
@@ -322,11 +332,15 @@ def test_cli_writes_results_and_guards_earlier_ones(data16, tmp_path, capsys):
     (["--severities", "1"], "need --corruptions"),
     (["--corruptions", "--seed", "-1"], "--seed"),
     (["--corruptions", "--corruption-reference", "nowhere.json"], "no such JSON"),
+    (["--corruptions", "--corruption-reference", "OTHER_DATA"], "was evaluated on cifar10"),
     (["--data", "imagenet_c"], "--data-root"),
     (["--data", "imagenet_a", "--data-root", ".", "--corruptions"], "takes no --corruptions"),
 ])
 def test_cli_bad_options(tmp_path, capsys, args, message):
     run = tiny_run(tmp_path / "run", "fashion_mnist", None, 10)
+    other = tmp_path / "other.json"
+    other.write_text(json.dumps({"data": "cifar10", "errors": {c: [50] * 5 for c in corruption_names("common")}}))
+    args = [str(other) if a == "OTHER_DATA" else a for a in args]
     assert main(["eval", "--checkpoint", str(run), "--device", "cpu", *args]) == 2
     assert message in capsys.readouterr().err
     assert not (run / "corruptions.json").exists()

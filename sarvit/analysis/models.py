@@ -85,8 +85,17 @@ def _plain_timm(path: Path, model_name: str | None) -> tuple[nn.Module, dict]:
         state = checkpoint_filter_fn(state, model)  # a non-square saved grid is resampled
         model.load_state_dict(state, strict=head is not None)
     except RuntimeError as err:
-        raise UserError(f"{path} does not hold {model_name} weights: {str(err).splitlines()[0]}") from err
+        raise UserError(f"{path} does not hold {model_name} weights: {_first_problem(err)}; pass the --model "
+                        "these weights were saved from") from err
     return model, {}
+
+
+def _first_problem(err: Exception, limit: int = 240) -> str:
+    """The first line of a ``load_state_dict`` error that names a tensor (not its header line)."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()] or [type(err).__name__]
+    line = lines[1] if len(lines) > 1 and lines[0].startswith("Error(s) in loading") else lines[0]
+    line = line.rstrip(".")
+    return line if len(line) <= limit else line[: limit - 3] + "..."
 
 
 def load_analysis_model(

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import csv
 import math
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -91,7 +92,7 @@ def score_dataset(
 
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers, collate_fn=_collate)
     scores = []
-    for batch in tqdm(loader, desc="jaccard", unit="batch", disable=not progress):
+    for batch in tqdm(loader, desc="jaccard", unit="batch", disable=not (progress and sys.stderr.isatty())):
         pairs = [prepare_pair(img, msk, loaded.img_size, loaded.mean, loaded.std) for _, img, msk in batch]
         x = torch.stack([p[0] for p in pairs]).to(device)  # (B, 3, S, S)
         attn = attention_maps(loaded.model, x).attn.cpu()  # (B, heads, h, w)

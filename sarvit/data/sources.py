@@ -49,8 +49,8 @@ def load_image(path: str):
             return Image.open(f).convert("RGB")
     except (OSError, ValueError, Image.DecompressionBombError) as err:
         raise UnreadableImage(
-            f"cannot read image {path} ({type(err).__name__}: {err}). Remove or replace the file; "
-            "a run continues from its last checkpoint with --resume auto"
+            f"cannot read image {path} ({type(err).__name__}: {err}). Remove or replace the file (an "
+            "interrupted `sarvit train` then continues from its last checkpoint with --resume auto)"
         ) from err
 
 

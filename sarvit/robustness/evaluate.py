@@ -333,6 +333,8 @@ def evaluate_checkpoint_corruptions(
         data = data or read_metadata(weights).get("data") or run.get("data")
         if data is None:
             raise ConfigError(f"{weights} does not say which data it was trained on; pass --data")
+    if ref is not None:
+        ref.check_data(data)
     settings = {"mode": mode, "weights": str(weights), "data": data,
                 "data_root": str(data_root) if data_root else None,
                 "seed": int(seed) if mode == "corruptions" else None,

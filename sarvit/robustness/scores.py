@@ -49,8 +49,9 @@ class Reference:
     """A reference model's errors: per severity, or (``means``) averaged over severities 1-5."""
 
     def __init__(self, source: str, errors: Errors | None = None, means: Mapping[str, float] | None = None,
-                 clean_error: float | None = None) -> None:
+                 clean_error: float | None = None, data: str | None = None) -> None:
         self.source = source
+        self.data = data  # the dataset the reference was evaluated on, when its file says
         self.errors = {c: {int(s): float(e) for s, e in row.items()} for c, row in (errors or {}).items()}
         self.means = {c: float(e) for c, e in (means or {}).items()}
         self.clean_error = None if clean_error is None else float(clean_error)
@@ -73,6 +74,16 @@ class Reference:
             )
         return 5.0 * self.means[corruption]
 
+    def check_data(self, data: str) -> None:
+        """Raise ``ConfigError`` when the reference was evaluated on other data than ``data``:
+        its errors would normalise errors on other images."""
+        if self.data is not None and _data_key(self.data) != _data_key(data):
+            raise ConfigError(
+                f"the reference ({self.source}) was evaluated on {self.data}, this evaluation is on {data}: "
+                "corruption errors are normalised on the same images only. Evaluate the reference model on "
+                f"{data} first (sarvit eval --checkpoint REFERENCE_RUN --corruptions --data {data})"
+            )
+
     def check(self, corruptions: Sequence[str], severities: Sequence[int]) -> None:
         """Raise ``ConfigError`` unless the reference normalises every common corruption evaluated."""
         from .corruptions import corruption_names
@@ -88,6 +99,12 @@ class Reference:
             if c in self.corruptions():
                 if self.total(c, severities) <= 0:
                     raise ConfigError(f"the reference ({self.source}) has zero error on {c}: its CE is undefined")
+
+
+def _data_key(data: str) -> str:
+    """A dataset name as it is, a folder as its absolute path."""
+    path = Path(data).expanduser()
+    return str(path.resolve()) if path.exists() else str(data)
 
 
 def _rows(table: Mapping[str, Any], source: str) -> tuple[dict, dict]:
@@ -147,7 +164,8 @@ def load_reference(spec: str | Path, mode: str = "corruptions") -> Reference:
         raise ConfigError(f"--corruption-reference {path}: errors must be percentages in [0, 100]")
     if max(values) <= 1.0:
         raise ConfigError(f"--corruption-reference {path}: every error is at most 1: give percentages, not fractions")
-    return Reference(str(path), errors, means, data.get("clean_error"))
+    recorded = data.get("data") if isinstance(data.get("data"), str) else None  # written by sarvit eval
+    return Reference(str(path), errors, means, data.get("clean_error"), recorded)
 
 
 def corruption_errors(errors: Errors, reference: Reference, severities: Sequence[int]) -> dict[str, float]:
