@@ -66,7 +66,9 @@ def evaluate_checkpoint(
         check_same_classes(recorded_names(meta.get("classes")), raw.classes, "the checkpoint", data,
                            "Evaluate on the dataset the model was trained for (--data).")
         size = img_size or meta.get("img_size") or 224
-        transform = build_transform(data, size, False, interpolation=run.get("interpolation", "bicubic"),
+        # normalised as in training: the statistics of the data the model was trained on, not of --data
+        stats_of = meta.get("data") or run.get("data") or data
+        transform = build_transform(stats_of, size, False, interpolation=run.get("interpolation", "bicubic"),
                                     crop_pct=crop_pct or run.get("crop_pct", 0.875))
         loader, sampler = build_loader(SeededTransform(raw.dataset, transform, 0), batch_size, train=False, seed=0,
                                        rank=dist.rank, world=dist.world, workers=workers,

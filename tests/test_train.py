@@ -333,3 +333,36 @@ def test_the_se_term_lowers_the_spatial_entropy_it_is_trained_on(image_folder, t
                                 "--model-kwargs", "{patch_size: 2, embed_dim: 24, depth: 2, num_heads: 2}"))
         se[lam] = read_metrics(out / "metrics.jsonl")[-1]["val_se"]
     assert se["5"] < 0.5 * se["0"], se
+
+
+def test_eval_normalises_with_the_statistics_of_the_training_data(tmp_path, capsys):
+    """A Fashion-MNIST model evaluated on an ImageFolder copy keeps Fashion-MNIST's normalisation."""
+    from sarvit.checkpoint import save_weights
+    from sarvit.data.pipeline import DATASET_STATS
+
+    names = [f"class{c}" for c in range(4)]
+    folder = make_image_folder(tmp_path / "copy", classes=4, train=1, val=6)
+    torch.manual_seed(0)
+    model = sarvit.create_model("vit_tiny_patch16_224", 4, img_size=16, layout="A",
+                                model_kwargs=dict(patch_size=4, embed_dim=24, depth=2, num_heads=2))
+    meta = {"model": "vit_tiny_patch16_224", "model_kwargs": dict(patch_size=4, embed_dim=24, depth=2, num_heads=2),
+            "img_size": 16, "num_classes": 4, "classes": names, "layout": "A", "query": "cls", "data": "fashion_mnist"}
+    weights = save_weights(model, tmp_path / "fm.safetensors", meta)
+    capsys.readouterr()
+    run_cli(["eval", "--checkpoint", weights, "--data", folder, "--crop-pct", "1.0", "--device", "cpu",
+             "--workers", "0"])
+    got = json.loads(capsys.readouterr().out)
+
+    def plain_loss(mean, std) -> float:
+        raw = open_dataset(str(folder), split="val")
+        losses = []
+        for image, target in (raw.dataset[i] for i in range(len(raw.dataset))):
+            x = torch.from_numpy(np.asarray(image.resize((16, 16), 3), dtype=np.float32) / 255).permute(2, 0, 1)
+            x = (x - torch.tensor(mean)[:, None, None]) / torch.tensor(std)[:, None, None]
+            with torch.no_grad():
+                losses.append(torch.nn.functional.cross_entropy(model.eval()(x[None]), torch.tensor([target])).item())
+        return float(np.mean(losses))
+
+    fm, imagenet = plain_loss(*DATASET_STATS["fashion_mnist"]), plain_loss((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+    assert abs(fm - imagenet) > 1e-3  # the two normalisations do give different results
+    assert got["loss"] == pytest.approx(fm, abs=1e-4)

@@ -387,7 +387,8 @@ def _on_the_fly(model, meta, data, root, size, look, corruptions, severities, se
     raw = open_dataset(data, root, "val")
     check_same_classes(recorded_names(meta.get("classes")), raw.classes, "the checkpoint", data,
                        "Evaluate on the dataset the model was trained for (--data).")
-    out = evaluate_corruptions(model, raw.dataset, build_transform_for(data, size, look), corruptions=corruptions,
+    stats = meta.get("data") or data  # normalised as in training, whatever --data names
+    out = evaluate_corruptions(model, raw.dataset, build_transform_for(stats, size, look), corruptions=corruptions,
                                severities=severities, seed=seed, reference=reference, **common)
     return {"data": data, "data_root": None if root is None else str(root), **out}
 
