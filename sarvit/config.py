@@ -155,6 +155,9 @@ def _model_kwargs(value: dict) -> str | None:
             return f"a mapping of argument names to values; {key!r} is not a name"
         if key in reserved:
             return f"free of {key} ({reserved[key]})"
+        if value[key] is None:  # timm drops None arguments: '{patch_size:8}' would silently mean nothing
+            return (f"a mapping of argument names to values; {key!r} has none (write 'name: value', with a space "
+                    "after the colon)")
     return None
 
 

@@ -139,6 +139,7 @@ BAD_VALUES = [
     ("model_kwargs", "{img_size: 64}", "model_kwargs must be free of img_size (use --img-size)"),
     ("model_kwargs", "{num_classes: 3}", "model_kwargs must be free of num_classes"),
     ("model_kwargs", "{depth: [2", "model_kwargs: malformed YAML"),
+    ("model_kwargs", "{patch_size:8}", "'patch_size:8' has none (write 'name: value', with a space"),
     ("opt", "adam w", "opt must be a name"),
     ("sched", "", "sched must be a name of letters"),
     ("model", " ", "model must be a non-empty text"),
