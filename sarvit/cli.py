@@ -263,12 +263,12 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         from .errors import WeightsNotFound
 
         raise WeightsNotFound(f"no such file or run folder: {args.checkpoint}")
-    from .evaluation import evaluate_checkpoint
-
     if args.corruptions is not None or args.data in ("imagenet_c", "imagenet_a"):
         return _cmd_eval_corruptions(args)
     if args.severities or args.corruption_reference:
         raise ConfigError("--severities and --corruption-reference need --corruptions")
+    from .evaluation import evaluate_checkpoint
+
     metrics = evaluate_checkpoint(
         args.checkpoint, which=args.which, data=args.data, data_root=args.data_root, img_size=args.img_size,
         crop_pct=args.crop_pct, batch_size=args.batch_size, workers=args.workers, device=args.device, amp=args.amp,

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from .config import CHOICES
 from .distributed import Dist, all_reduce_sum
 from .entropy import spatial_entropy
 from .errors import ConfigError
@@ -47,7 +48,7 @@ def _show_progress(dist: Dist) -> bool:
     return dist.main and sys.stderr.isatty()
 
 
-AMP_MODES = ("auto", "none", "bf16", "fp16")
+AMP_MODES = CHOICES["amp"]  # ("auto", "none", "bf16", "fp16"), as --amp spells them
 
 
 def _check_amp(amp: str, allowed: tuple[str, ...]) -> None:

@@ -13,7 +13,7 @@ import torch
 from safetensors import SafetensorError
 from torch import nn
 
-from .checkpoint import load_weights, read_metadata
+from .checkpoint import EMA_WEIGHTS, STATE, WEIGHTS, find_checkpoint, load_weights, read_metadata
 from .errors import ConfigError, WeightsNotFound
 from .surgery import attach, check_supported
 
@@ -87,8 +87,6 @@ def resolve_weights(path: str | Path, which: str = "best") -> Path:
         return path
     if not path.is_dir():
         raise WeightsNotFound(f"no such file or run folder: {path}")
-    from .checkpoint import EMA_WEIGHTS, STATE, WEIGHTS
-
     if (path / STATE).is_file():  # a checkpoint folder (checkpoints/step-N, checkpoints/last): its own weights
         own = path / (EMA_WEIGHTS if which == "best_ema" else WEIGHTS)
         if own.is_file():
@@ -97,8 +95,6 @@ def resolve_weights(path: str | Path, which: str = "best") -> Path:
     candidates = [path / name for name in RUN_WEIGHTS[which]]
     for c in candidates:
         if c.parent.name == "last" and c.parent.parent.name == "checkpoints":
-            from .checkpoint import WEIGHTS, find_checkpoint
-
             found = find_checkpoint(path).path  # an intact checkpoint: `last`, or the one before it
             if found is not None:
                 return found / WEIGHTS

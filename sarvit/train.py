@@ -142,10 +142,10 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
 
 def _train(cfg: TrainConfig, dist: Dist, stack: ExitStack) -> dict[str, Any]:
     cfg = config.validate_with_libraries(_absolute_paths(cfg))
-    plan = _plan_run(cfg, dist, cfg.extend, stack)
+    plan = _plan_run(cfg, dist, stack)
     if cfg.deterministic:
         torch.use_deterministic_algorithms(True)
-    data = _build_data(cfg, dist, plan.run.root)
+    data = _build_data(cfg, dist)
     layout = resolved_layout(cfg)
     parts = _build_parts(cfg, data, dist, layout)
     _read_first_batch(data, cfg.batch_size)
@@ -275,7 +275,7 @@ def _run_folder(cfg: TrainConfig) -> RunFolder:
     return run
 
 
-def _plan_run(cfg: TrainConfig, dist: Dist, extend: bool, stack: ExitStack) -> Plan:
+def _plan_run(cfg: TrainConfig, dist: Dist, stack: ExitStack) -> Plan:
     """Check the run folder, lock it (when it holds a run) and choose the checkpoint; writes nothing."""
     run = _run_folder(cfg)
     if not run.holds_run():
@@ -297,7 +297,7 @@ def _plan_run(cfg: TrainConfig, dist: Dist, extend: bool, stack: ExitStack) -> P
         if stale:
             plan.notes.append(f"removed {len(stale)} temporary file(s) an interrupted run left: "
                               + ", ".join(str(p.relative_to(run.root)) for p in stale))
-    plan.extend_from = _check_same_experiment(cfg, run, extend)
+    plan.extend_from = _check_same_experiment(cfg, run)
     chosen = _choose_checkpoint(cfg, run) if dist.main else None
     plan.resume_from, skipped = gather_objects(chosen)[0]  # every rank resumes from rank 0's choice
     if skipped and plan.resume_from is None:
@@ -351,15 +351,15 @@ def _same(key: str, saved: Any, now: Any) -> bool:
     return False
 
 
-def _check_same_experiment(cfg: TrainConfig, run: RunFolder, extend: bool) -> int | None:
-    """Refuse a resume that would change the experiment; returns the old epochs when ``extend`` lengthens it."""
+def _check_same_experiment(cfg: TrainConfig, run: RunFolder) -> int | None:
+    """Refuse a resume that would change the experiment; returns the old epochs when ``--extend`` lengthens it."""
     saved = _saved_config(run)
     if not saved:
         return None
     now = to_dict(cfg)
     diff = {k: (saved.get(k), v) for k, v in now.items() if k not in RESUMABLE_CHANGES and not _same(k, saved.get(k), v)}
     extend_from = None
-    if extend and "epochs" in diff:
+    if cfg.extend and "epochs" in diff:
         old, new = diff.pop("epochs")
         if new <= old:
             raise ConfigError(f"--extend true lengthens a run: {run.root} has {old} epochs, --epochs {new} is not more")
@@ -513,9 +513,7 @@ def _seed_everything(seed: int) -> None:
 # --- data, model, optimisation ----------------------------------------------------------------
 
 
-def _build_data(cfg: TrainConfig, dist: Dist, run_dir: Path) -> Data:
-    import sys
-
+def _build_data(cfg: TrainConfig, dist: Dist) -> Data:
     from .data.classes import check_same_classes, class_count_warnings, class_counts
 
     raw_train = open_dataset(cfg.data, cfg.data_root, "train", cfg.download)

@@ -13,7 +13,6 @@ a 1000-class model that records none). Folders of wnids the model does not know 
 
 from __future__ import annotations
 
-import os
 import re
 from collections.abc import Sequence
 from pathlib import Path
@@ -21,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from ..config import ConfigError
-from .sources import DatasetNotFound, RawDataset, dataset_targets, load_image
+from .sources import DatasetNotFound, RawDataset, _class_folders, dataset_targets, load_image
 
 __all__ = ["model_wnids", "imagenet_c_contents", "open_imagenet_c", "open_imagenet_a", "VARIANTS"]
 
@@ -46,16 +45,12 @@ def model_wnids(classes: Sequence[str] | None, num_classes: int) -> list[str]:
     )
 
 
-def _subdirs(path: Path) -> list[str]:
-    return sorted(d.name for d in os.scandir(path) if d.is_dir())
-
-
 def _wnid_folder(folder: Path, wnids: Sequence[str], what: str) -> tuple[RawDataset, int]:
     """``(dataset of folder/<wnid>/*, number of wnid folders the model does not know)``."""
     from torchvision.datasets import ImageFolder
 
     index = {w: i for i, w in enumerate(wnids)}
-    present = [w for w in _subdirs(folder) if WNID.match(w)]
+    present = [w for w in _class_folders(folder) if WNID.match(w)]
     known = [w for w in present if w in index]
     if not known:
         raise DatasetNotFound(
@@ -87,9 +82,9 @@ def imagenet_c_contents(root: str | Path) -> dict[str, list[int]]:
         )
     names = set(corruption_names("all"))
     found = {}
-    for c in _subdirs(root):
+    for c in _class_folders(root):
         if c in names:
-            severities = sorted(int(s) for s in _subdirs(root / c) if s in {"1", "2", "3", "4", "5"})
+            severities = sorted(int(s) for s in _class_folders(root / c) if s in {"1", "2", "3", "4", "5"})
             if severities:
                 found[c] = severities
     if not found:

@@ -20,6 +20,7 @@ import numpy as np
 
 from ...config import ConfigError
 from ...errors import UserError
+from ...runs import fsync_dir
 from ..sources import DatasetNotFound
 from .backgrounds import load_backgrounds, random_crop
 from .catalog import CLASSES, Stamp, find_stamps, split_by_object
@@ -182,11 +183,7 @@ def _sync_tree(root: Path) -> None:
                 os.fsync(fd)
             finally:
                 os.close(fd)
-        fd = os.open(folder, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        fsync_dir(Path(folder))
 
 
 def _publish(tmp: Path, output: Path) -> None:
