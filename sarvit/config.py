@@ -273,7 +273,7 @@ def _field_type(name: str) -> tuple[type, bool]:
     return hint, False
 
 
-def _yaml_problem(err: yaml.YAMLError) -> str:
+def yaml_problem(err: yaml.YAMLError) -> str:
     """``"line 3, column 7: mapping values are not allowed here"`` from a YAML error."""
     mark = getattr(err, "problem_mark", None)
     where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
@@ -292,7 +292,7 @@ def parse_value(name: str, value: Any) -> Any:
     try:
         return _convert(kind, value)
     except yaml.YAMLError as err:
-        raise ConfigError(f"{shown_name(name)}: malformed YAML {value!r} ({_yaml_problem(err)}); "
+        raise ConfigError(f"{shown_name(name)}: malformed YAML {value!r} ({yaml_problem(err)}); "
                           "write a mapping such as '{depth: 6, patch_size: 2}'") from None
     except (TypeError, ValueError, OverflowError):
         raise ConfigError(f"{shown_name(name)}: cannot read {value!r} as {kind.__name__}") from None
@@ -348,7 +348,7 @@ def read_recipe(path: str | Path) -> dict[str, Any]:
     try:
         loaded = yaml.safe_load(recipe.read_text()) or {}
     except yaml.YAMLError as err:
-        raise ConfigError(f"{recipe}: malformed YAML at {_yaml_problem(err)}; fix the recipe") from None
+        raise ConfigError(f"{recipe}: malformed YAML at {yaml_problem(err)}; fix the recipe") from None
     except UnicodeDecodeError:
         raise ConfigError(f"{recipe} is not a text file; a recipe is a YAML mapping of option: value") from None
     if not isinstance(loaded, dict):

@@ -18,16 +18,7 @@ __all__ = ["evaluate_checkpoint"]
 
 def _run_config(weights: Path) -> dict[str, Any]:
     """The training config.yaml of the run the weights belong to, if it is at hand."""
-    import yaml
-
-    path = RunFolder(run_folder_of(weights)).config
-    if not path.is_file():
-        return {}
-    try:
-        saved = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as err:
-        raise ConfigError(f"{path} is not valid YAML ({err}); restore it, or pass --data and --img-size") from None
-    return saved if isinstance(saved, dict) else {}
+    return RunFolder(run_folder_of(weights)).read_config("restore it, or pass --data and --img-size")
 
 
 def evaluate_checkpoint(

@@ -70,6 +70,26 @@ class RunFolder:
         """Whether the folder holds anything besides a lock file."""
         return self.root.is_dir() and any(p.name != self.lock.name for p in self.root.iterdir())
 
+    def read_config(self, hint: str) -> dict:
+        """The run's options from ``config.yaml`` ({} when there is none).
+
+        Raises:
+            UserError: the file is not a YAML mapping; the message ends with ``hint``.
+        """
+        import yaml
+
+        from .config import yaml_problem
+
+        if not self.config.is_file():
+            return {}
+        try:
+            saved = yaml.safe_load(self.config.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise UserError(f"{self.config} is not valid YAML ({yaml_problem(err)}); {hint}") from None
+        if not isinstance(saved, dict):
+            raise UserError(f"{self.config} does not hold a run's options (a YAML mapping); {hint}")
+        return saved
+
     def progress(self) -> list[str]:
         """What in the folder a restart from scratch would lose (empty: nothing yet)."""
         found = []

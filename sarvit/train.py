@@ -245,16 +245,7 @@ def _absolute_paths(cfg: TrainConfig) -> TrainConfig:
 
 
 def _saved_config(run: RunFolder) -> dict[str, Any]:
-    if not run.config.is_file():
-        return {}
-    try:
-        saved = yaml.safe_load(run.config.read_text()) or {}
-    except yaml.YAMLError as err:
-        raise ConfigError(f"{run.config} is not valid YAML ({err}); restore the run's config.yaml (a copy of "
-                          "its options) before resuming") from None
-    if not isinstance(saved, dict):
-        raise ConfigError(f"{run.config} does not hold the run's options (a YAML mapping); restore it before resuming")
-    return saved
+    return run.read_config("restore the run's config.yaml (a copy of its options) before resuming")
 
 
 def _run_folder(cfg: TrainConfig) -> RunFolder:

@@ -86,3 +86,34 @@ def test_children_of_a_dead_owner_do_not_keep_the_run_locked(tmp_path):
     finally:
         os.kill(child, 9)
         time.sleep(0.1)
+
+
+def test_read_config_refuses_what_is_not_a_mapping_of_options(tmp_path):
+    from sarvit.errors import UserError
+
+    run = RunFolder(tmp_path)
+    assert run.read_config("hint") == {}
+    run.config.write_text("epochs: 3\nlambda: 0.01\n")
+    assert run.read_config("hint") == {"epochs": 3, "lambda": 0.01}
+    run.config.write_text("epochs: [3\n")
+    with pytest.raises(UserError, match=r"config.yaml is not valid YAML .*; restore it"):
+        run.read_config("restore it")
+    run.config.write_text("- 1\n- 2\n")
+    with pytest.raises(UserError, match="does not hold a run's options .*; restore it"):
+        run.read_config("restore it")
+
+
+@pytest.mark.parametrize("command", [["eval"], ["eval", "--corruptions", "fog"]])
+def test_eval_of_a_run_with_a_damaged_config_is_one_line(tmp_path, capsys, command):
+    import sarvit
+    from sarvit.checkpoint import save_weights
+    from sarvit.cli import main
+
+    kwargs = dict(patch_size=8, embed_dim=24, depth=1, num_heads=2)
+    model = sarvit.create_model("vit_tiny_patch16_224", 2, img_size=32, model_kwargs=kwargs)
+    save_weights(model, tmp_path / "best.safetensors", {"model": "vit_tiny_patch16_224", "model_kwargs": kwargs,
+                                                        "img_size": 32, "num_classes": 2, "layout": "sar"})
+    (tmp_path / "config.yaml").write_text("data: [unclosed\n")
+    assert main([*command, "--checkpoint", str(tmp_path), "--device", "cpu", "--workers", "0"]) == 2
+    err = capsys.readouterr().err
+    assert "config.yaml is not valid YAML" in err and "Traceback" not in err

@@ -244,10 +244,9 @@ def _run_dir(weights: Path) -> Path:
 
 
 def _run_config(run_dir: Path) -> dict[str, Any]:
-    import yaml
+    from ..runs import RunFolder
 
-    path = run_dir / "config.yaml"
-    return (yaml.safe_load(path.read_text()) or {}) if path.is_file() else {}
+    return RunFolder(run_dir).read_config("restore it, or pass --data and --img-size")
 
 
 SETTINGS = ("mode", "weights", "data", "data_root", "seed", "corruptions", "severities")
