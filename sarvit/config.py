@@ -178,6 +178,8 @@ class TrainConfig:
     per_class: int | None = option(None, "train on a stratified subset of N images per class", range=AT_LEAST_ONE)
     train_fraction: float | None = option(None, "train on a stratified subset: this fraction of every class",
                                           range=FRACTION)
+    val_per_class: int | None = option(None, "validate on a fixed stratified subset of N images per class (the "
+                                       "same images for every seed)", range=AT_LEAST_ONE)
     workers: int = option(4, "data-loading processes per training process", range=NON_NEGATIVE)
     # --- model ------------------------------------------------------------------------
     model: str = option("vit_small_patch16_224", "timm model name (a VisionTransformer)", check=_non_empty)
@@ -190,7 +192,16 @@ class TrainConfig:
     lambda_schedule: str = option("constant", "constant (the paper) | warmup_cosine (the published code)",
                                   choices=("constant", "warmup_cosine"))
     lambda_warmup_epochs: int = option(10, "linear lambda warm-up length for warmup_cosine", range=NON_NEGATIVE)
-    layout: str | None = option(None, "last block, a row of Table 1(b): A|B|C|D; default C with SAR, A without",
+    objective: str = option("sar", "auxiliary term (with --sar true): sar (L_se of S, Eq. 4) | sar_softmax (L_se of "
+                            "the post-softmax maps) | sar_cosine (L_se of the cosine maps, Eq. 15) | tv (total "
+                            "variation, Eq. 14) | entropy (entropy over positions, no components) | drloc (DRLoc)",
+                            choices=("sar", "sar_softmax", "sar_cosine", "tv", "entropy", "drloc"))
+    drloc_lambda: float = option(0.1, "weight of the DRLoc term (--objective drloc)", range=NON_NEGATIVE)
+    drloc_warmup_epochs: int = option(20, "DRLoc weight: linear warm-up epochs (capped at --epochs), then linear "
+                                      "decay to 0", range=NON_NEGATIVE)
+    drloc_pairs: int = option(64, "DRLoc: position pairs sampled per image (m)", range=AT_LEAST_ONE)
+    layout: str | None = option(None, "last block, a row of Table 1(b): A|B|C|D; default C with SAR, A for drloc "
+                                "and without",
                                 choices=(None, "A", "B", "C", "D", "standard", "no_msa_skip", "sar", "no_skips"))
     query: str = option("auto", "query of the similarity maps: auto | cls | mean", choices=("auto", "cls", "mean"))
     # --- optimisation (DeiT) -------------------------------------------------------------
@@ -514,10 +525,11 @@ def to_dict(cfg: TrainConfig) -> dict[str, Any]:
 
 
 def resolved_layout(cfg: TrainConfig) -> str:
-    """The last-block layout: C (Eq. 10-11) with SAR, A (standard) without, unless set."""
-    return cfg.layout or ("C" if cfg.sar else "A")
+    """The last-block layout: C (Eq. 10-11) with an SE-family objective, A (standard) for DRLoc
+    and without SAR, unless set."""
+    return cfg.layout or ("C" if cfg.sar and cfg.objective != "drloc" else "A")
 
 
 def default_output(cfg: TrainConfig) -> str:
     name = Path(cfg.data).name if Path(cfg.data).is_dir() else cfg.data
-    return f"runs/{name}-{cfg.model}-{'sar' if cfg.sar else 'baseline'}-seed{cfg.seed}"
+    return f"runs/{name}-{cfg.model}-{cfg.objective if cfg.sar else 'baseline'}-seed{cfg.seed}"

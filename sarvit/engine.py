@@ -27,20 +27,32 @@ __all__ = ["TrainForward", "LoopState", "train_one_epoch", "evaluate", "autocast
 
 
 class TrainForward(nn.Module):
-    """What DDP and ``torch.compile`` wrap: ``(x, with_similarity) -> (logits, S or None)``.
+    """What DDP and ``torch.compile`` wrap: ``(x, needs) -> (logits, outputs or None)``.
 
+    ``needs`` (:class:`~sarvit.objectives.Needs`, or ``None`` for the plain forward) says
+    which outputs the objective reads; ``outputs`` is a dict with the similarity maps
+    ``"S"`` (``(B, heads, h, w)``) and, when an ``inner`` loss is given (a loss with
+    parameters, e.g. DRLoc's MLP), its value on the patch tokens under ``"inner"``.
     Going through one module's ``forward`` lets DistributedDataParallel see every
-    forward pass, including the one that also returns the similarity maps.
+    forward pass, and the parameters of ``inner``.
     """
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, inner: nn.Module | None = None) -> None:
         super().__init__()
         self.model = model
+        self.inner = inner
 
-    def forward(self, x: torch.Tensor, with_similarity: bool):
-        if with_similarity:
-            return self.model.forward_with_similarity(x)
-        return self.model(x), None
+    def forward(self, x: torch.Tensor, needs=None):
+        if needs is None:
+            return self.model(x), None
+        if needs.tokens:
+            logits, S, tokens = self.model.forward_with_similarity(x, needs.similarity, tokens=True)
+        else:
+            logits, S = self.model.forward_with_similarity(x, needs.similarity)
+        outputs = {} if S is None else {"S": S}
+        if self.inner is not None:
+            outputs["inner"] = self.inner(tokens)  # tokens: (B, h, w, C)
+        return logits, outputs
 
 
 def _show_progress(dist: Dist) -> bool:
@@ -96,7 +108,7 @@ def train_one_epoch(
     steps_per_epoch: int,
     dist: Dist,
     amp: str,
-    use_se: bool,
+    needs=None,
     lambda_fn: Callable[[float], float],
     mixup=None,
     scaler=None,
@@ -107,8 +119,10 @@ def train_one_epoch(
 ) -> dict[str, float]:
     """Train from ``state.step_in_epoch`` to the end of ``state.epoch``.
 
-    ``on_step`` runs after every optimizer step (the checkpoint hook). Returns the
-    epoch's mean loss terms, the last learning rate and lambda, and images per second.
+    ``needs`` says which model outputs the objective reads (``None``: the plain forward);
+    ``lambda_fn`` gives the weight of the auxiliary term at a fractional epoch. ``on_step``
+    runs after every optimizer step (the checkpoint hook). Returns the epoch's mean loss
+    terms, the last learning rate and lambda, and images per second.
     """
     from timm.utils import dispatch_clip_grad
 
@@ -131,8 +145,8 @@ def train_one_epoch(
             x, y = mixup(x, y)
         lam = lambda_fn(state.epoch + state.step_in_epoch / steps_per_epoch)
         with autocast(device, amp):
-            logits, S = net(x, with_similarity=use_se)
-        terms = objective(logits, y, S, lam)
+            logits, outputs = net(x, needs)
+        terms = objective(logits, y, outputs, lam)
         optimizer.zero_grad(set_to_none=True)
         if scaler is not None:
             scaler.scale(terms["loss"]).backward()
@@ -158,7 +172,7 @@ def train_one_epoch(
         if dist.main and (steps % log_interval == 0 or state.step_in_epoch == steps_per_epoch):
             means = {k: (v / steps).item() for k, v in sums.items()}
             bar.set_postfix(
-                loss=f"{means['loss']:.4f}", ce=f"{means['ce']:.4f}", se=f"{means.get('se', 0.0):.4f}",
+                **{k: f"{v:.4f}" for k, v in means.items()},
                 lr=f"{optimizer.param_groups[0]['lr']:.2e}", img_s=f"{images / (time.perf_counter() - start):.0f}",
             )
         if on_step is not None:
@@ -182,15 +196,18 @@ def _unwrap(net: nn.Module) -> nn.Module:
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, loader, dist: Dist, amp: str = "none", desc: str = "eval") -> dict[str, float]:
+def evaluate(model: nn.Module, loader, dist: Dist, amp: str = "none", desc: str = "eval",
+             per_head: bool = False) -> dict[str, float]:
     """Top-1/top-5, CE, and the last block's mean spatial entropy and components per head.
 
     Every rank evaluates its share; sums are reduced over ranks, so the result covers
-    the whole set exactly once.
+    the whole set exactly once. ``per_head``: also ``se_heads`` and ``components_heads``,
+    lists with the mean over images of each head.
     """
     model.eval()
     device = dist.device
     sums = torch.zeros(6, dtype=torch.float64, device=device)  # n, top1, top5, ce, se, components
+    heads = None  # (2, heads): per-head sums of the entropy and of the component count
     for x, y in tqdm(loader, disable=not _show_progress(dist), desc=desc, leave=False, dynamic_ncols=True):
         x = x.to(device, non_blocking=True)
         y = y.to(device, non_blocking=True)
@@ -208,9 +225,16 @@ def evaluate(model: nn.Module, loader, dist: Dist, amp: str = "none", desc: str 
             H.mean(dim=1).sum().double(),
             count.double().mean(dim=1).sum(),
         ])
+        if per_head:
+            batch = torch.stack([H.double().sum(dim=0), count.double().sum(dim=0)])  # (2, heads)
+            heads = batch if heads is None else heads + batch
     all_reduce_sum(sums)
     n = max(sums[0].item(), 1.0)
-    return {
+    extra = {}
+    if per_head and heads is not None:
+        all_reduce_sum(heads)
+        extra = {"se_heads": (heads[0] / n).tolist(), "components_heads": (heads[1] / n).tolist()}
+    return {**extra,
         "top1": 100.0 * sums[1].item() / n,
         "top5": 100.0 * sums[2].item() / n,
         "loss": sums[3].item() / n,

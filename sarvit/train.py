@@ -47,7 +47,7 @@ from .data import DATASETS, SeededTransform, build_loader, build_transform, open
 from .distributed import Dist, barrier, gather_objects, init_distributed, shutdown
 from .engine import LoopState, TrainForward, evaluate, resolve_amp, train_one_epoch
 from .factory import create_model
-from .objectives import SupervisedObjective, classification_loss, lambda_at
+from .objectives import SupervisedObjective, build_objective, classification_loss, drloc_lambda_at, lambda_at
 from .runlog import RunLog, read_metrics
 from .runs import RunFolder, RunLock, atomic_write, remove, run_folder_of
 
@@ -115,8 +115,8 @@ class EpochTally:
         self.steps = saved.get("steps", 0)
         self.seconds = saved.get("seconds", 0.0)  # of the epoch, in the sessions before this one
 
-    def __call__(self, logits, targets, S=None, lam: float = 0.0) -> dict[str, torch.Tensor]:
-        terms = self.objective(logits, targets, S, lam)
+    def __call__(self, logits, targets, outputs=None, lam: float = 0.0) -> dict[str, torch.Tensor]:
+        terms = self.objective(logits, targets, outputs, lam)
         for k, v in terms.items():
             self.sums[k] = self.sums.get(k, 0.0) + v.detach().float()
         self.steps += 1
@@ -155,7 +155,7 @@ def _train(cfg: TrainConfig, dist: Dist, stack: ExitStack) -> dict[str, Any]:
     tally = EpochTally(parts.objective, dist.device)
     if plan.resume_from is not None:
         plan.notes += _restore(plan, cfg, dist, parts, state, data, tally)
-    net = TrainForward(parts.model)
+    net = TrainForward(parts.model, parts.objective.inner)  # DDP sees the objective's own parameters too
     if dist.world > 1:
         net = torch.nn.parallel.DistributedDataParallel(
             net, device_ids=[dist.device.index] if dist.device.type == "cuda" else None
@@ -181,7 +181,7 @@ def _train(cfg: TrainConfig, dist: Dist, stack: ExitStack) -> dict[str, Any]:
         if cfg.checkpoint_interval and state.global_step % cfg.checkpoint_interval == 0 and not at_epoch_end:
             save()
 
-    use_se = cfg.sar and cfg.lambda_ > 0
+    needs = parts.objective.needs if _auxiliary_on(cfg) else None  # None: the plain forward
     started = time.perf_counter()
     while state.epoch < cfg.epochs:
         epoch_start = time.perf_counter()
@@ -189,8 +189,7 @@ def _train(cfg: TrainConfig, dist: Dist, stack: ExitStack) -> dict[str, Any]:
         row = train_one_epoch(
             net=net, optimizer=parts.optimizer, scheduler=parts.scheduler, loader=data.train_loader,
             objective=tally, state=state, steps_per_epoch=data.steps_per_epoch, dist=dist, amp=parts.amp,
-            use_se=use_se,
-            lambda_fn=lambda e: lambda_at(cfg.lambda_schedule, cfg.lambda_, e, cfg.epochs, cfg.lambda_warmup_epochs),
+            needs=needs, lambda_fn=lambda e: _weight_at(cfg, e),
             mixup=parts.mixup, scaler=parts.scaler, ema=parts.ema, clip_grad=cfg.clip_grad,
             log_interval=cfg.log_interval, on_step=on_step,
         )
@@ -348,6 +347,9 @@ def _check_same_experiment(cfg: TrainConfig, run: RunFolder) -> int | None:
     if not saved:
         return None
     now = to_dict(cfg)
+    # an option newer than the run's config.yaml: the run had its default
+    defaults = to_dict(TrainConfig())
+    saved = {**{k: v for k, v in defaults.items() if k not in saved}, **saved}
     diff = {k: (saved.get(k), v) for k, v in now.items() if k not in RESUMABLE_CHANGES and not _same(k, saved.get(k), v)}
     extend_from = None
     if cfg.extend and "epochs" in diff:
@@ -408,6 +410,7 @@ def _restore(plan: Plan, cfg: TrainConfig, dist: Dist, parts: Parts, state: Loop
     parts.model.load_state_dict(ckpt.load_weights(path / ckpt.WEIGHTS, dist.device), strict=True)
     if parts.ema is not None:
         parts.ema.module.load_state_dict(ckpt.load_weights(path / ckpt.EMA_WEIGHTS, dist.device), strict=True)
+    parts.objective.load_state_dict(saved.get("objective", {}), strict=True)
     parts.optimizer.load_state_dict(saved["optimizer"])
     if parts.scaler is not None and saved.get("scaler"):
         parts.scaler.load_state_dict(saved["scaler"])
@@ -465,6 +468,7 @@ def _save(run: RunFolder, cfg: TrainConfig, dist: Dist, parts: Parts, state: Loo
             "data_order": {"seed": cfg.seed, "epoch": state.epoch, "samples_done": state.step_in_epoch * cfg.batch_size},
             "data": {"train_size": data.train_size, "steps_per_epoch": data.steps_per_epoch},
             "epoch_tally": tally,
+            "objective": parts.objective.state_dict(),  # the auxiliary loss's own parameters (DRLoc's MLP)
         }
         meta = {**metadata, "epoch": state.epoch, "step": state.global_step}
         name = ckpt.save_checkpoint(run.root, state.global_step, parts.model, payload, meta,
@@ -517,7 +521,11 @@ def _build_data(cfg: TrainConfig, dist: Dist) -> Data:
     classes = raw_train.classes or [str(i) for i in range(int(raw_train.targets.max()) + 1)]
     train_counts = class_counts(raw_train.targets if indices is None else raw_train.targets[indices], len(classes),
                                 "the training set")
-    val_counts = class_counts(raw_val.targets, len(classes), f"the val split of {cfg.data}")
+    val_indices = None
+    if cfg.val_per_class is not None:  # seed 0 for every run: all seeds are scored on the same images
+        val_indices = stratified_subset(raw_val.targets, per_class=cfg.val_per_class, seed=0, option="val_per_class")
+    val_counts = class_counts(raw_val.targets if val_indices is None else raw_val.targets[val_indices], len(classes),
+                              f"the val split of {cfg.data}")
     warnings = class_count_warnings(train_counts, val_counts, classes)
     if dist.main:
         for warning in warnings:
@@ -528,7 +536,7 @@ def _build_data(cfg: TrainConfig, dist: Dist) -> Data:
                                cfg.seed, indices)
     val_ds = SeededTransform(raw_val.dataset, build_transform(cfg.data, cfg.img_size, False,
                                                               interpolation=cfg.interpolation, crop_pct=cfg.crop_pct),
-                             cfg.seed)
+                             cfg.seed, val_indices)
     pin = dist.device.type == "cuda"
     train_loader, train_sampler = build_loader(train_ds, cfg.batch_size, train=True, seed=cfg.seed, rank=dist.rank,
                                                world=dist.world, workers=cfg.workers, pin_memory=pin)
@@ -561,20 +569,62 @@ def _build_training(cfg: TrainConfig, model, data: Data, dist: Dist, amp: str):
     from timm.utils import ModelEmaV3
 
     lr = cfg.lr if cfg.lr is not None else cfg.base_lr * cfg.batch_size * dist.world / 512
-    optimizer = create_optimizer_v2(model, opt=cfg.opt, lr=lr, weight_decay=cfg.weight_decay, momentum=cfg.momentum)
+    mixup_active = (cfg.mixup > 0 or cfg.cutmix > 0) and cfg.mixup_prob > 0
+    objective = _build_objective(cfg, model, mixup_active).to(dist.device)
+    optimizer = create_optimizer_v2(_optimized(model, objective), opt=cfg.opt, lr=lr, weight_decay=cfg.weight_decay,
+                                    momentum=cfg.momentum)
     scheduler, _ = create_scheduler_v2(
         optimizer, sched=cfg.sched, num_epochs=cfg.epochs, warmup_epochs=cfg.warmup_epochs, warmup_lr=cfg.warmup_lr,
         min_lr=cfg.min_lr, step_on_epochs=False, updates_per_epoch=data.steps_per_epoch,
     )
     scaler = torch.amp.GradScaler(dist.device.type) if amp == "fp16" and dist.device.type == "cuda" else None
     ema = ModelEmaV3(model, decay=cfg.model_ema_decay) if cfg.model_ema else None
-    mixup_active = (cfg.mixup > 0 or cfg.cutmix > 0) and cfg.mixup_prob > 0
     mixup = None
     if mixup_active:
         mixup = Mixup(mixup_alpha=cfg.mixup, cutmix_alpha=cfg.cutmix, prob=cfg.mixup_prob,
                       switch_prob=cfg.mixup_switch_prob, label_smoothing=cfg.smoothing, num_classes=len(data.classes))
-    objective = SupervisedObjective(classification_loss(mixup_active, cfg.smoothing))
     return optimizer, scheduler, scaler, ema, mixup, objective
+
+
+def _auxiliary_on(cfg: TrainConfig) -> bool:
+    """Whether the run adds an auxiliary term: ``--sar false`` or a zero weight is the plain baseline."""
+    return cfg.sar and (cfg.drloc_lambda if cfg.objective == "drloc" else cfg.lambda_) > 0
+
+
+def _weight_at(cfg: TrainConfig, epoch: float) -> float:
+    """The weight of the auxiliary term after ``epoch`` (fractional) epochs: ``--lambda`` with its
+    schedule for the spatial-entropy family, ``--drloc-lambda`` warmed up and decayed for DRLoc."""
+    if cfg.objective == "drloc":
+        return drloc_lambda_at(cfg.drloc_lambda, epoch, cfg.epochs, cfg.drloc_warmup_epochs)
+    return lambda_at(cfg.lambda_schedule, cfg.lambda_, epoch, cfg.epochs, cfg.lambda_warmup_epochs)
+
+
+def _build_objective(cfg: TrainConfig, model, mixup_active: bool):
+    """The objective of ``--objective``; the baseline (no auxiliary term) builds no DRLoc MLP."""
+    ce = classification_loss(mixup_active, cfg.smoothing)
+    if not _auxiliary_on(cfg):
+        return SupervisedObjective(ce)  # its term is never computed: the forward is the plain one
+    return build_objective(cfg.objective, ce, dim=model.embed_dim, drloc_pairs=cfg.drloc_pairs)
+
+
+class _Optimized(torch.nn.Module):
+    """The model and the objective's own parameters, as one module for timm's optimizer groups
+    (weight decay on weights, not on biases and norms, nor on the model's ``no_weight_decay``)."""
+
+    def __init__(self, model, objective) -> None:
+        super().__init__()
+        self.model, self.objective = model, objective
+
+    def no_weight_decay(self) -> set[str]:
+        skip = self.model.no_weight_decay() if hasattr(self.model, "no_weight_decay") else ()
+        return {f"model.{name}" for name in skip}
+
+
+def _optimized(model, objective) -> torch.nn.Module:
+    """What the optimizer updates: the model alone, or with the objective's parameters (DRLoc's MLP)."""
+    if not any(True for _ in objective.parameters()):
+        return model
+    return _Optimized(model, objective)
 
 
 def _validate(model, ema, data: Data, dist: Dist, amp: str, epoch: int) -> dict[str, float]:
@@ -591,8 +641,13 @@ def _metadata(cfg: TrainConfig, classes: list, layout: str, model) -> dict[str, 
     return {
         "model": cfg.model, "model_kwargs": cfg.model_kwargs, "img_size": cfg.img_size, "num_classes": len(classes),
         "classes": classes, "layout": layout, "query": model.blocks[-1].query, "sar": cfg.sar,
-        "lambda": cfg.lambda_, "data": cfg.data,
+        "lambda": cfg.lambda_, "data": cfg.data, "objective": _objective_name(cfg),
     }
+
+
+def _objective_name(cfg: TrainConfig) -> str:
+    """``--objective``, or ``baseline`` when no auxiliary term is trained."""
+    return cfg.objective if cfg.sar else "baseline"
 
 
 # --- what the run prints ----------------------------------------------------------------------
@@ -600,7 +655,7 @@ def _metadata(cfg: TrainConfig, classes: list, layout: str, model) -> dict[str, 
 
 def _banner(cfg, dist, data: Data, layout, parts: Parts, plan: Plan) -> str:
     params = sum(p.numel() for p in parts.model.parameters()) / 1e6
-    what = f"SAR (lambda={cfg.lambda_}, {cfg.lambda_schedule})" if cfg.sar else "baseline (no SE term)"
+    what = _objective_text(cfg)
     lines = [
         f"sarvit train: {cfg.model} ({params:.2f}M params, last block {layout}) - {what}",
         f"  data {cfg.data}: {data.train_size} train / {data.val_size} val images, {len(data.classes)} classes, "
@@ -611,11 +666,20 @@ def _banner(cfg, dist, data: Data, layout, parts: Parts, plan: Plan) -> str:
     return "\n".join(lines + [f"  {note}" for note in plan.notes])
 
 
+def _objective_text(cfg: TrainConfig) -> str:
+    """The objective and its weight, in words, for the banner."""
+    if not cfg.sar:
+        return "baseline (no auxiliary term)"
+    if cfg.objective == "drloc":
+        return (f"objective drloc (DRLoc, drloc_lambda={cfg.drloc_lambda}, warm-up {cfg.drloc_warmup_epochs} epochs "
+                f"then linear decay, {cfg.drloc_pairs} pairs/image)")
+    return f"objective {cfg.objective} (lambda={cfg.lambda_}, {cfg.lambda_schedule})"
+
+
 def _epoch_line(row: dict[str, Any]) -> str:
-    text = f"epoch {row['epoch']}: loss {row['train_loss']:.4f} (ce {row['train_ce']:.4f}"
-    if "train_se" in row:
-        text += f", se {row['train_se']:.4f}"
-    text += f"), {row['images_per_sec']:.0f} img/s"
+    terms = [k.removeprefix("train_") for k in row if k.startswith("train_") and k != "train_loss"]
+    parts = ", ".join(f"{t} {row['train_' + t]:.4f}" for t in terms)
+    text = f"epoch {row['epoch']}: loss {row['train_loss']:.4f} ({parts}), {row['images_per_sec']:.0f} img/s"
     if "val_top1" in row:
         text += (f" | val top-1 {row['val_top1']:.2f} top-5 {row['val_top5']:.2f} "
                  f"SE {row['val_se']:.3f} components/head {row['val_components']:.2f}")
@@ -628,6 +692,7 @@ def _summary(cfg: TrainConfig, run: RunFolder, state: LoopState, seconds: float,
     return {
         "run_dir": str(run.root),
         "sar": cfg.sar,
+        "objective": _objective_name(cfg),
         "layout": resolved_layout(cfg),
         "epochs": cfg.epochs,
         "best_top1": state.best_top1,

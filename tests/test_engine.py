@@ -106,7 +106,7 @@ def test_train_one_epoch_equals_a_hand_written_sgd_loop(clip, start):
     hooks = []
     out = train_one_epoch(
         net=TrainForward(model), optimizer=optimizer, scheduler=scheduler, loader=batches, objective=objective,
-        state=state, steps_per_epoch=steps_per_epoch, dist=Dist(0, 1, 0, CPU), amp="none", use_se=False,
+        state=state, steps_per_epoch=steps_per_epoch, dist=Dist(0, 1, 0, CPU), amp="none",
         lambda_fn=lambda e: 0.2 * e, ema=ema, clip_grad=clip, log_interval=1,
         on_step=lambda: hooks.append(state.global_step),
     )
@@ -125,3 +125,83 @@ def test_train_one_epoch_equals_a_hand_written_sgd_loop(clip, start):
     assert (state.epoch, state.step_in_epoch, state.global_step) == (epoch, steps_per_epoch, global_step + 3)
     done = [global_step + 1, global_step + 2, global_step + 3]
     assert scheduler.updates == done and hooks == done
+
+
+def _drloc_rank(rank: int, world: int, port: int, folder: str) -> None:
+    """One DDP process: the DRLoc objective's gradients with and without DistributedDataParallel."""
+    import copy
+    import os
+
+    import torch.distributed as torch_dist
+
+    import sarvit
+    from sarvit.objectives import classification_loss, build_objective
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch_dist.init_process_group("gloo", rank=rank, world_size=world)
+    torch.manual_seed(0)  # the same initial weights on every rank
+    model = sarvit.create_model("vit_tiny_patch16_224", 4, img_size=16, layout="A",
+                                model_kwargs=dict(patch_size=4, embed_dim=24, depth=2, num_heads=2))
+    objective = build_objective("drloc", classification_loss(False, 0.0), dim=24, drloc_pairs=8)
+    x = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(10 + rank))  # each rank its own data
+    y = torch.tensor([rank, 3 - rank])
+
+    def grads(net, obj):
+        torch.manual_seed(100 + rank)  # the same pairs with and without DDP
+        logits, outputs = net(x, obj.needs)
+        obj(logits, y, outputs, lam=0.5)["loss"].backward()
+        return {n: p.grad.clone() for n, p in net.named_parameters() if p.grad is not None}
+
+    local_net = TrainForward(copy.deepcopy(model), None)
+    local_obj = copy.deepcopy(objective)
+    local_net.inner = local_obj.inner
+    local = grads(local_net, local_obj)
+    ddp = torch.nn.parallel.DistributedDataParallel(TrainForward(model, objective.inner))
+    reduced = {n.removeprefix("module."): g for n, g in grads(ddp, objective).items()}
+    torch.save({"local": local, "reduced": reduced}, f"{folder}/rank{rank}.pt")
+    torch_dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_drloc_mlp_gradients_are_averaged_over_ddp_processes(tmp_path):
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_drloc_rank, args=(2, port, str(tmp_path)), nprocs=2, join=True)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    head = [n for n in ranks[0]["local"] if n.startswith("inner.")]
+    assert len(head) == 6  # the MLP's 3 weights and 3 biases reach DDP through TrainForward
+    for name in head + ["model.blocks.0.attn.qkv.weight", "model.head.weight"]:
+        mean = (ranks[0]["local"][name] + ranks[1]["local"][name]) / 2
+        assert not torch.allclose(ranks[0]["local"][name], ranks[1]["local"][name])  # the ranks did differ
+        for r in range(2):
+            torch.testing.assert_close(ranks[r]["reduced"][name], mean, rtol=1e-5, atol=1e-7, msg=name)
+
+
+def test_evaluate_per_head_means_match_a_loop_over_images():
+    from sarvit.engine import evaluate
+    from sarvit.entropy import spatial_entropy
+    from sarvit.factory import create_model
+
+    torch.manual_seed(0)
+    model = create_model("vit_tiny_patch16_224", 3, img_size=16, drop_path=0.0,
+                         model_kwargs={"patch_size": 4, "embed_dim": 24, "depth": 2, "num_heads": 2}).eval()
+    x, y = torch.randn(10, 3, 16, 16), torch.randint(0, 3, (10,))
+    loader = [(x[:6], y[:6]), (x[6:], y[6:])]
+    dist = Dist(rank=0, world=1, local_rank=0, device=torch.device("cpu"))
+    out = evaluate(model, loader, dist, per_head=True)
+    entropies, counts = [], []
+    with torch.no_grad():
+        for i in range(10):  # one image at a time
+            _, S = model.forward_with_similarity(x[i:i + 1])
+            H, n = spatial_entropy(S, return_num_components=True)  # (1, heads)
+            entropies.append(H[0])
+            counts.append(n[0].double())
+    assert out["se_heads"] == pytest.approx(torch.stack(entropies).mean(0).tolist(), rel=1e-5)
+    assert out["components_heads"] == pytest.approx(torch.stack(counts).mean(0).tolist(), rel=1e-12)
+    assert sum(out["se_heads"]) / 2 == pytest.approx(out["se"], rel=1e-6)
+    assert "se_heads" not in evaluate(model, loader, dist)

@@ -84,3 +84,74 @@ def test_drloc_trains_head_and_backbone_and_checks_grid():
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in head.parameters())
     with pytest.raises(ValueError, match="3x4 grid"):
         drloc_loss(tokens, (3, 4), head)
+
+
+# --- entropy over positions (the control without space) ---------------------------------------
+
+
+def test_position_entropy_hand_computed():
+    from sarvit.losses import position_entropy
+
+    # mean 3: B = [0, 0, 1, 3], p = [1/4, 3/4]
+    S = torch.tensor([[0.0, 2.0], [4.0, 6.0]], dtype=torch.float64)
+    want = -(0.25 * np.log(0.25) + 0.75 * np.log(0.75))
+    assert position_entropy(S).item() == pytest.approx(want, rel=1e-12)
+    # one position above the mean: a point mass, entropy 0; a flat map: no mass, entropy 0
+    assert position_entropy(torch.tensor([[0.0, 0.0], [0.0, 4.0]])).item() == 0.0
+    assert position_entropy(torch.full((3, 3), 2.0)).item() == 0.0
+
+
+@pytest.mark.parametrize("shape", [(2, 3, 5, 5), (1, 2, 3, 7)])
+def test_position_entropy_matches_scipy_and_ignores_adjacency(shape):
+    from sarvit.entropy import spatial_entropy
+    from sarvit.losses import PositionEntropyLoss, position_entropy
+
+    S = torch.randn(shape, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    got = position_entropy(S)
+    maps = S.reshape(-1, shape[-2] * shape[-1]).numpy()
+    want = [stats.entropy(np.maximum(m - m.mean(), 0.0)) for m in maps]  # scipy normalises the masses
+    np.testing.assert_allclose(got.reshape(-1).numpy(), want, rtol=1e-12)
+    assert PositionEntropyLoss()(S).item() == pytest.approx(np.mean(want), rel=1e-12)
+    # every position its own component: larger than the spatial entropy wherever a component has 2+ cells
+    assert (got >= spatial_entropy(S) - 1e-12).all() and (got > spatial_entropy(S) + 1e-3).any()
+
+
+def test_position_entropy_gradient_by_central_differences():
+    from sarvit.losses import PositionEntropyLoss
+
+    S = torch.randn(2, 2, 3, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(3), requires_grad=True)
+    PositionEntropyLoss()(S).backward()
+
+    def loss(x: np.ndarray) -> float:
+        return float(np.mean([stats.entropy(np.maximum(m - m.mean(), 0.0)) for m in x.reshape(-1, 12)]))
+
+    base, eps = S.detach().numpy(), 1e-6
+    grad = np.zeros_like(base)
+    for idx in np.ndindex(base.shape):
+        up, down = base.copy(), base.copy()
+        up[idx] += eps
+        down[idx] -= eps
+        grad[idx] = (loss(up) - loss(down)) / (2 * eps)
+    np.testing.assert_allclose(S.grad.numpy(), grad, atol=1e-6)
+    flat = torch.zeros(1, 1, 3, 3, requires_grad=True)
+    PositionEntropyLoss()(flat).backward()
+    assert torch.all(flat.grad == 0)  # 0 log 0 = 0 and a finite gradient
+
+
+def test_drloc_module_is_the_loss_on_the_grid_of_tokens():
+    from sarvit.losses import DRLocLoss
+
+    torch.manual_seed(0)
+    tokens = torch.randn(3, 2, 5, 4, dtype=torch.float64)  # (B, h, w, C), a rectangular grid
+    module = DRLocLoss(4, m=9).double()
+    torch.manual_seed(7)
+    got = module(tokens)
+    torch.manual_seed(7)
+    first, second = sample_position_pairs(3, 2, 5, 9)
+    errors = []
+    for i in range(3):
+        for j in range(9):
+            (r1, c1), (r2, c2) = first[i, j].tolist(), second[i, j].tolist()
+            pred = module.head(torch.cat([tokens[i, r1, c1], tokens[i, r2, c2]]))
+            errors += [abs(pred[0].item() - abs(r1 - r2)), abs(pred[1].item() - abs(c1 - c2))]
+    assert got.item() == pytest.approx(np.mean(errors), rel=1e-6)  # the loss is float32

@@ -305,3 +305,45 @@ def test_a_run_reached_through_a_symlink_is_one_run(image_folder, tmp_path, caps
     run_ok(["train", "--config", run / "config.yaml", "--resume", run / "checkpoints" / "last", "--epochs", "2",
             "--extend", "true"])
     assert [r["epoch"] for r in read_metrics(real / "run" / "metrics.jsonl")] == [1, 2]
+
+
+def test_drloc_resumed_mid_epoch_gives_bitwise_the_same_weights_mlp_and_optimizer(image_folder, tmp_path,
+                                                                                   monkeypatch):
+    import torch
+
+    # drop-path (torch RNG) and the DRLoc pairs (torch RNG) both continue where the checkpoint left them
+    extra = ["--objective", "drloc", "--drloc-warmup-epochs", "1", "--drloc-pairs", "8", "--drop-path", "0.1",
+             "--checkpoint-interval", "4"]
+    full = tmp_path / "full"
+    run_ok(tiny_train_args(image_folder, full, *extra))
+    cut = tmp_path / "cut"
+    interrupt_after_checkpoint(monkeypatch, 4)  # inside epoch 1 (6 steps an epoch)
+    assert main([str(a) for a in tiny_train_args(image_folder, cut, *extra)]) == 130
+    monkeypatch.undo()
+    run_ok(tiny_train_args(image_folder, cut, *extra, "--resume", "auto"))
+    a = load_file(str(full / "checkpoints" / "last" / "model.safetensors"))
+    b = load_file(str(cut / "checkpoints" / "last" / "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    sa = torch.load(full / "checkpoints" / "last" / "state.pt", weights_only=False)
+    sb = torch.load(cut / "checkpoints" / "last" / "state.pt", weights_only=False)
+    assert sa["objective"].keys() == sb["objective"].keys() and len(sa["objective"]) == 6
+    assert all(torch.equal(sa["objective"][k], sb["objective"][k]) for k in sa["objective"])
+    for ga, gb in zip(sa["optimizer"]["state"].values(), sb["optimizer"]["state"].values(), strict=True):
+        assert all(torch.equal(ga[k], gb[k]) for k in ga)
+    ra, rb = read_metrics(full / "metrics.jsonl"), read_metrics(cut / "metrics.jsonl")
+    assert [r["train_drloc"] for r in ra] == [r["train_drloc"] for r in rb]
+
+
+def test_a_run_from_before_an_option_existed_resumes_with_its_default(image_folder, tmp_path, capsys):
+    out = tmp_path / "run"
+    run_ok(tiny_train_args(image_folder, out, "--epochs", "1"))
+    saved = yaml.safe_load((out / "config.yaml").read_text())
+    for key in ("objective", "drloc_lambda", "drloc_warmup_epochs", "drloc_pairs"):  # newer than that run
+        del saved[key]
+    (out / "config.yaml").write_text(yaml.safe_dump(saved, sort_keys=False))
+    run_ok(tiny_train_args(image_folder, out, "--epochs", "2", "--extend", "true", "--resume", "auto"))
+    assert [r["epoch"] for r in read_metrics(out / "metrics.jsonl")] == [1, 2]
+    # a value other than the default is a different experiment
+    err = run_fails(tiny_train_args(image_folder, out, "--epochs", "2", "--objective", "tv", "--resume", "auto"),
+                    capsys)
+    assert "objective: run has 'sar', now 'tv'" in err

@@ -246,3 +246,56 @@ def test_torch_compile():
     logits_c, S_c = compiled_fws(x)
     torch.testing.assert_close(logits_c, logits, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(S_c, S, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("kind", ["vit", "registers_no_cls"])
+def test_softmax_and_cosine_maps_equal_the_equations_written_out(kind):
+    model = make(kind).eval()
+    x = torch.randn(2, 3, 32, 32)
+    z = tokens_into_last_block(model, x)
+    sarvit.attach(model)
+    block, prefix = model.blocks[-1], model.num_prefix_tokens
+    query = "mean" if kind == "registers_no_cls" else "cls"
+    C, heads = 48, 3
+    d = C // heads
+    h = F.layer_norm(z, (C,), block.norm1.weight, block.norm1.bias, block.norm1.eps)
+    q, k, _ = ((h @ block.attn.qkv.weight.T + block.attn.qkv.bias).reshape(2, -1, 3, heads, d)
+               .permute(2, 0, 3, 1, 4))  # (B, heads, N, d) each
+    q0 = q[:, :, 0] if query == "cls" else q[:, :, prefix:].mean(dim=2)  # (B, heads, d)
+    keys = k[:, :, prefix:]  # (B, heads, n, d)
+    dots = torch.einsum("bhd,bhnd->bhn", q0, keys)
+    softmax = torch.exp(dots / d**0.5) / torch.exp(dots / d**0.5).sum(dim=-1, keepdim=True)  # over the patch keys
+    cosine = dots / (q0.norm(dim=-1, keepdim=True) * keys.norm(dim=-1))  # Eq. 15
+    for similarity, want in (("softmax", softmax), ("cosine", cosine)):
+        out, S = block.forward_with_similarity(z, similarity)
+        torch.testing.assert_close(S, want, rtol=1e-5, atol=1e-6, msg=similarity)
+        torch.testing.assert_close(out, block(z), rtol=1e-6, atol=1e-6)  # the block's output does not change
+        logits, S_grid = model.forward_with_similarity(x, similarity)
+        torch.testing.assert_close(S_grid, want.reshape(2, heads, 8, 8), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(logits, model(x), rtol=1e-6, atol=1e-6)
+    assert not torch.allclose(softmax, cosine, atol=1e-2)  # two different maps
+    if query == "cls":  # the block's own attention row, restricted to the patches and renormalised
+        row = torch.softmax(torch.einsum("bhd,bhnd->bhn", q0, k) / d**0.5, dim=-1)[:, :, prefix:]
+        torch.testing.assert_close(row / row.sum(dim=-1, keepdim=True), softmax, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="similarity must be one of dot, softmax, cosine"):
+        block.forward_with_similarity(z, "dots")
+
+
+def test_final_patch_tokens_are_taken_before_the_final_norm():
+    model = sarvit.attach(make(dynamic_img_size=True)).eval()
+    x = torch.randn(2, 3, 32, 48)  # an 8 x 12 grid
+    captured = {}
+    handle = model.blocks[-1].register_forward_hook(lambda m, i, o: captured.setdefault("z", o))
+    want_logits = model(x)
+    handle.remove()
+    want = captured["z"][:, 1:].reshape(2, 8, 12, 48)  # raster order, the class token dropped
+    logits, S, tokens = model.forward_with_similarity(x, tokens=True)
+    torch.testing.assert_close(tokens, want)
+    torch.testing.assert_close(logits, want_logits)
+    assert S.shape == (2, 3, 8, 12)
+    logits, S, tokens = model.forward_with_similarity(x, similarity=None, tokens=True)  # no map asked for
+    assert S is None
+    torch.testing.assert_close(tokens, want)
+    assert not torch.allclose(model.norm(tokens), tokens, atol=1e-2)  # the final norm does change them
+    tokens.sum().backward()
+    assert model.blocks[0].attn.qkv.weight.grad.abs().sum() > 0  # the tokens carry the backbone's gradient

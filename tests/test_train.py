@@ -366,3 +366,90 @@ def test_eval_normalises_with_the_statistics_of_the_training_data(tmp_path, caps
     fm, imagenet = plain_loss(*DATASET_STATS["fashion_mnist"]), plain_loss((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
     assert abs(fm - imagenet) > 1e-3  # the two normalisations do give different results
     assert got["loss"] == pytest.approx(fm, abs=1e-4)
+
+
+# --- auxiliary objectives beside SAR (--objective) -------------------------------------------
+
+SE_FAMILY = {"sar": "se", "sar_softmax": "se_softmax", "sar_cosine": "se_cosine", "tv": "tv", "entropy": "entropy"}
+
+
+@pytest.mark.parametrize("objective", sorted(SE_FAMILY))
+def test_each_map_objective_trains_and_logs_its_term(image_folder, tmp_path, capsys, objective):
+    out = tmp_path / objective
+    capsys.readouterr()
+    run_cli(tiny_train_args(image_folder, out, "--epochs", "1", "--objective", objective, "--lambda", "0.5"))
+    printed = capsys.readouterr().out
+    term = SE_FAMILY[objective]
+    row = read_metrics(out / "metrics.jsonl")[-1]
+    assert {f"train_{term}", "val_se", "val_components"} <= set(row)
+    assert {k for k in row if k.startswith("train_")} == {"train_loss", "train_ce", f"train_{term}"}
+    # a constant weight: the mean loss is the mean CE plus 0.5 times the mean term
+    assert row["train_loss"] == pytest.approx(row["train_ce"] + 0.5 * row[f"train_{term}"], rel=1e-5)
+    assert f"objective {objective} (lambda=0.5, constant)" in printed and "last block C" in printed
+    assert f", {term} {row[f'train_{term}']:.4f})" in printed  # the epoch line shows the term
+    summary = json.loads((out / "summary.json").read_text())
+    _, meta = load_model(out)
+    assert summary["objective"] == meta["objective"] == objective and meta["layout"] == "C"
+    if objective == "tv":  # the validation SE stays the SE of the pre-softmax maps, whatever the objective
+        expected = plain_loop_metrics(out, image_folder)
+        assert row["val_se"] == pytest.approx(expected["se"], abs=1e-5)
+
+
+def _param_groups_by_hand(run: Path) -> tuple[int, int]:
+    """(decayed, not decayed) parameter counts of the tiny backbone, as timm groups them."""
+    model, _ = load_model(run)
+    skip = {"pos_embed", "cls_token", "dist_token"}
+    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    decayed = sum(1 for n, p in trainable if p.ndim > 1 and not n.endswith(".bias") and n not in skip)
+    return decayed, len(trainable) - decayed
+
+
+def test_drloc_trains_its_mlp_which_checkpoints_keep_and_exports_leave_out(image_folder, tmp_path, capsys):
+    out = tmp_path / "drloc"
+    capsys.readouterr()
+    run_cli(tiny_train_args(image_folder, out, "--objective", "drloc", "--drloc-warmup-epochs", "1",
+                            "--drloc-pairs", "16"))
+    printed = capsys.readouterr().out
+    assert "objective drloc (DRLoc, drloc_lambda=0.1" in printed and "last block A" in printed
+    rows = read_metrics(out / "metrics.jsonl")
+    assert all("train_drloc" in r and "train_se" not in r for r in rows)
+    # the weight: linear warm-up over epoch 1, linear decay over epoch 2 (the last step of 6 each)
+    assert rows[0]["lambda"] == pytest.approx(0.1 * 5 / 6) and rows[1]["lambda"] == pytest.approx(0.1 * 1 / 6)
+    keys = {f"drloc.head.mlp.{i}.{w}" for i in (0, 2, 4) for w in ("weight", "bias")}
+    first = torch.load(out / "checkpoints" / "step-00000006" / "state.pt", weights_only=False)
+    last = torch.load(out / "checkpoints" / "step-00000012" / "state.pt", weights_only=False)
+    assert set(first["objective"]) == set(last["objective"]) == keys
+    assert last["objective"]["drloc.head.mlp.0.weight"].shape == (512, 2 * 24)
+    assert all(not torch.equal(first["objective"][k], last["objective"][k]) for k in keys)  # trained
+    decayed, not_decayed = _param_groups_by_hand(out)
+    groups = {g["weight_decay"]: len(g["params"]) for g in last["optimizer"]["param_groups"]}
+    assert groups == {0.05: decayed + 3, 0.0: not_decayed + 3}  # the MLP's 3 weights decay, its 3 biases not
+    assert len(last["optimizer"]["state"]) == decayed + not_decayed + 6  # AdamW moments of every parameter
+    plain = set(timm.create_model("vit_tiny_patch16_224", num_classes=4, img_size=16, patch_size=4, embed_dim=24,
+                                  depth=2, num_heads=2, mlp_ratio=2.0).state_dict())
+    for exported in (out / "best.safetensors", out / "checkpoints" / "last" / "model.safetensors"):
+        assert set(weights(exported)) == plain, exported  # the backbone only
+    capsys.readouterr()
+    run_cli(["eval", "--checkpoint", out, "--which", "last", "--device", "cpu", "--workers", "0"])
+    assert json.loads(capsys.readouterr().out)["top1"] == pytest.approx(rows[-1]["val_top1"])
+
+
+def test_sar_false_is_the_plain_baseline_whatever_the_objective(image_folder, tmp_path, capsys):
+    out = tmp_path / "base"
+    capsys.readouterr()
+    run_cli(tiny_train_args(image_folder, out, "--epochs", "1", "--sar", "false", "--objective", "drloc"))
+    assert "baseline (no auxiliary term)" in capsys.readouterr().out
+    row = read_metrics(out / "metrics.jsonl")[-1]
+    assert {k for k in row if k.startswith("train_")} == {"train_loss", "train_ce"}
+    assert row["train_loss"] == row["train_ce"]
+    state = torch.load(out / "checkpoints" / "last" / "state.pt", weights_only=False)
+    assert state["objective"] == {}  # no DRLoc MLP built
+    _, meta = load_model(out)
+    assert meta["objective"] == "baseline" and meta["layout"] == "A"
+
+
+def test_an_unknown_objective_is_refused_with_the_choices(image_folder, tmp_path, capsys):
+    assert main(tiny_train_args(image_folder, tmp_path / "run", "--objective", "bogus")) == 2
+    err = capsys.readouterr().err
+    assert "objective must be one of sar, sar_softmax, sar_cosine, tv, entropy, drloc; got 'bogus'" in err
+    assert "Traceback" not in err and not (tmp_path / "run").exists()

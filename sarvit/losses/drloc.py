@@ -4,8 +4,16 @@ From the final ``h x w`` grid of patch tokens (the [CLS] token dropped), draw ``
 position pairs per image uniformly with replacement, concatenate the two embeddings
 and regress the absolute offsets ``(|dx|, |dy|)`` (in grid cells, unnormalised) with
 an MLP ``Linear(2C, 512)-ReLU-Linear(512, 512)-ReLU-Linear(512, 2)`` under an L1 loss,
-as the published DRLoc code does. The MLP is trained with the backbone but is not
-part of it.
+as the published DRLoc code does (github.com/yhlleo/VTs-Drloc, ``drloc/aux_modules.py``
+in ``l1`` mode with ``--use_abs``, as its ``train.sh`` runs it):
+
+    L_drloc = E_{(u, v)} || (|u_x - v_x|, |u_y - v_y|) - f([e_u, e_v]) ||_1
+
+That code takes the tokens of the last block *before* the model's final norm (in its
+ViT the norm sits inside the classification head; in its Swin the head reads
+``norm(x)`` while DRLoc reads ``x``), and so does :class:`DRLocLoss`. Its sampler draws
+both coordinates below the grid height (square grids only); here rows and columns are
+drawn below ``h`` and ``w``. The MLP is trained with the backbone but is not part of it.
 """
 
 from __future__ import annotations
@@ -14,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["sample_position_pairs", "drloc_loss", "DRLocHead"]
+__all__ = ["sample_position_pairs", "drloc_loss", "DRLocHead", "DRLocLoss"]
 
 
 def sample_position_pairs(batch: int, h: int, w: int, m: int, generator: torch.Generator | None = None,
@@ -75,3 +83,23 @@ def drloc_loss(tokens: torch.Tensor, grid: tuple[int, int], head: DRLocHead, m: 
     predicted = head(pairs).float()  # (B, m, 2)
     target = (first - second).abs().float()  # (B, m, 2): (|dy|, |dx|) in grid cells
     return F.l1_loss(predicted, target)
+
+
+class DRLocLoss(nn.Module):
+    """``L_drloc`` with its own trained :class:`DRLocHead`: ``tokens (B, h, w, C) -> ()``.
+
+    The pairs are drawn from torch's generator of the tokens' device (checkpointed with
+    the run, so a resumed run draws the same pairs).
+    """
+
+    def __init__(self, dim: int, m: int = 64, hidden: int = 512) -> None:
+        super().__init__()
+        self.m = m
+        self.head = DRLocHead(dim, hidden)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        grid = tuple(tokens.shape[1:3])
+        return drloc_loss(tokens.flatten(1, 2), grid, self.head, m=self.m)  # tokens (B, h*w, C)
+
+    def extra_repr(self) -> str:
+        return f"m={self.m}"

@@ -28,7 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["BlockLayout", "LAYOUTS", "resolve_layout", "SARBlock", "similarity_from_qk", "attention_with_similarity"]
+__all__ = ["BlockLayout", "LAYOUTS", "resolve_layout", "SARBlock", "SIMILARITIES", "similarity_from_qk",
+           "attention_with_similarity"]
 
 
 @dataclass(frozen=True)
@@ -60,10 +61,20 @@ def resolve_layout(layout: str | BlockLayout) -> BlockLayout:
     return LAYOUTS[key]
 
 
+SIMILARITIES = ("dot", "softmax", "cosine")
+
+
 def similarity_from_qk(
-    q: torch.Tensor, k: torch.Tensor, scale: float, num_prefix_tokens: int, query: str = "cls"
+    q: torch.Tensor, k: torch.Tensor, scale: float, num_prefix_tokens: int, query: str = "cls",
+    similarity: str = "dot",
 ) -> torch.Tensor:
-    """Eq. 4: ``S[b, h, j] = <q_query, k_j> * scale`` over the patch tokens only.
+    """The similarity of one query to the patch keys, over the patch tokens only.
+
+    - ``"dot"``, Eq. 4: ``S[b, h, j] = <q_query, k_j> * scale`` (pre-softmax, the paper's choice).
+    - ``"softmax"`` (Sec. 4.3): ``softmax_j(S[b, h, :])``, the attention row normalised over the
+      patch keys. Its restriction to the patch keys differs from the block's own attention row
+      (which also holds the prefix keys) by one positive factor per map, which Eq. 5-8 ignore.
+    - ``"cosine"``, Eq. 15: ``<q_query, k_j> / (||q_query|| ||k_j||)``.
 
     Args:
         q, k: ``(B, heads, N, head_dim)``, the block's queries and keys (after q/k norm).
@@ -71,12 +82,15 @@ def similarity_from_qk(
         num_prefix_tokens: tokens before the patch grid (class, distillation, registers).
         query: ``"cls"`` (token 0) or ``"mean"`` (mean of the patch queries, for models
             without a class token).
+        similarity: ``"dot"``, ``"softmax"`` or ``"cosine"``.
 
     Returns:
         float32 ``(B, heads, N - num_prefix_tokens)``. Only one query row is computed;
         the ``N x N`` attention matrix is never formed. Autocast is off here so that the
         product is float32 even inside a bf16/fp16 region.
     """
+    if similarity not in SIMILARITIES:
+        raise ValueError(f"similarity must be one of {', '.join(SIMILARITIES)}, got {similarity!r}")
     keys = k[:, :, num_prefix_tokens:]  # (B, heads, n, d)
     if query == "cls":
         q0 = q[:, :, :1]  # (B, heads, 1, d)
@@ -85,16 +99,25 @@ def similarity_from_qk(
     else:
         raise ValueError(f"query must be 'cls' or 'mean', got {query!r}")
     with torch.autocast(device_type=q.device.type, enabled=False):
-        S = (q0.float() * scale) @ keys.float().transpose(-2, -1)  # (B, heads, 1, n)
+        if similarity == "cosine":  # Eq. 15
+            unit_keys = F.normalize(keys.float(), dim=-1)  # (B, heads, n, d)
+            S = F.normalize(q0.float(), dim=-1) @ unit_keys.transpose(-2, -1)  # (B, heads, 1, n)
+        else:
+            S = (q0.float() * scale) @ keys.float().transpose(-2, -1)  # (B, heads, 1, n)
+            if similarity == "softmax":
+                S = S.softmax(dim=-1)
     return S.squeeze(-2)
 
 
-def attention_with_similarity(attn: nn.Module, x: torch.Tensor, num_prefix_tokens: int, query: str):
-    """timm ``Attention.forward`` that also returns the similarity maps of Eq. 4.
+def attention_with_similarity(attn: nn.Module, x: torch.Tensor, num_prefix_tokens: int, query: str,
+                              similarity: str = "dot"):
+    """timm ``Attention.forward`` that also returns the similarity maps (Eq. 4 by default).
 
     Args:
         attn: a ``timm.layers.Attention``.
         x: ``(B, N, C)``, the normalised tokens entering the attention.
+        similarity: ``"dot"`` (Eq. 4), ``"softmax"`` or ``"cosine"`` (Eq. 15); see
+            :func:`similarity_from_qk`.
 
     Returns:
         ``(out, S)``: ``out`` ``(B, N, C)`` equals ``attn(x)`` and is computed with fused
@@ -106,7 +129,7 @@ def attention_with_similarity(attn: nn.Module, x: torch.Tensor, num_prefix_token
     qkv = attn.qkv(x).reshape(B, N, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)  # (3, B, heads, N, d)
     q, k, v = qkv.unbind(0)
     q, k = attn.q_norm(q), attn.k_norm(k)
-    S = similarity_from_qk(q, k, attn.scale, num_prefix_tokens, query)  # (B, heads, n)
+    S = similarity_from_qk(q, k, attn.scale, num_prefix_tokens, query, similarity)  # (B, heads, n)
     out = F.scaled_dot_product_attention(
         q, k, v, dropout_p=attn.attn_drop.p if attn.training else 0.0
     )  # (B, heads, N, d)
@@ -123,7 +146,8 @@ class SARBlock(nn.Module):
     """A standard pre-norm block rewired to a Table 1(b) layout; see the module docstring.
 
     ``forward(x)`` maps ``(B, N, C) -> (B, N, C)`` like the wrapped block;
-    ``forward_with_similarity(x)`` also returns ``S`` of shape ``(B, heads, N - prefix)``.
+    ``forward_with_similarity(x, similarity="dot")`` also returns ``S`` of shape
+    ``(B, heads, N - prefix)`` (see :func:`similarity_from_qk` for the kinds).
     """
 
     def __init__(self, block: nn.Module, layout: BlockLayout, num_prefix_tokens: int, query: str) -> None:
@@ -150,8 +174,8 @@ class SARBlock(nn.Module):
             raise ValueError("the SAR last block does not support attention masks")
         return self._finish(x, self.attn(self.norm1(x)))
 
-    def forward_with_similarity(self, x: torch.Tensor):
-        a, S = attention_with_similarity(self.attn, self.norm1(x), self.num_prefix_tokens, self.query)
+    def forward_with_similarity(self, x: torch.Tensor, similarity: str = "dot"):
+        a, S = attention_with_similarity(self.attn, self.norm1(x), self.num_prefix_tokens, self.query, similarity)
         return self._finish(x, a), S
 
     def _finish(self, x: torch.Tensor, a: torch.Tensor) -> torch.Tensor:

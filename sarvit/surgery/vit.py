@@ -65,11 +65,19 @@ def detach(model: nn.Module) -> nn.Module:
     return model
 
 
-def forward_with_similarity(self: nn.Module, x: torch.Tensor):
+def forward_with_similarity(self: nn.Module, x: torch.Tensor, similarity: str | None = "dot",
+                            tokens: bool = False):
     """``(B, 3, H, W) -> (logits, S)``, ``S`` float32 ``(B, heads, h, w)`` from the last block.
 
     Mirrors ``VisionTransformer.forward_features`` + ``forward_head``; the logits equal
     ``model(x)``.
+
+    Args:
+        similarity: the kind of map (``"dot"``, Eq. 4; ``"softmax"``; ``"cosine"``, Eq. 15;
+            see :func:`sarvit.surgery.block.similarity_from_qk`), or ``None``: no map
+            (``S`` is ``None`` and the last block runs its plain forward).
+        tokens: also return the patch tokens that leave the last block, before the
+            model's final norm, as ``(B, h, w, C)``: then the result is ``(logits, S, tokens)``.
     """
     from timm.models._manipulate import checkpoint_seq
 
@@ -83,6 +91,13 @@ def forward_with_similarity(self: nn.Module, x: torch.Tensor):
         x = checkpoint_seq(body, x)
     else:
         x = body(x)
-    x, S = self.blocks[-1].forward_with_similarity(x)  # S: (B, heads, h*w)
+    S = None
+    if similarity is None:
+        x = self.blocks[-1](x)
+    else:
+        x, S = self.blocks[-1].forward_with_similarity(x, similarity)  # S: (B, heads, h*w)
+        S = S.unflatten(-1, grid)  # (B, heads, h, w)
+    patches = x[:, self.num_prefix_tokens:].unflatten(1, grid) if tokens else None  # (B, h, w, C)
     x = self.norm(x)
-    return self.forward_head(x), S.unflatten(-1, grid)  # (B, heads, h, w)
+    logits = self.forward_head(x)
+    return (logits, S, patches) if tokens else (logits, S)
