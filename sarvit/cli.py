@@ -3,6 +3,7 @@
     sarvit train --config RECIPE [--option value ...]
     sarvit eval --checkpoint RUN_DIR_OR_FILE [--data NAME]
     sarvit demo
+    sarvit study STUDY.yaml [--jobs N]
 """
 
 from __future__ import annotations
@@ -187,6 +188,46 @@ def _add_curves(sub) -> None:
     p.add_argument("run", metavar="RUN", help="run folder (holds metrics.jsonl)")
 
 
+def _add_study(sub) -> None:
+    p = sub.add_parser(
+        "study", help="run a grid of trainings over seeds and write a report",
+        description="Expand a study file (methods x grid cells x seeds over any `sarvit train` option) into runs, "
+        "run those not finished yet (an interrupted run continues from its checkpoint), then write report.md, "
+        "report.html (self-contained), runs.csv and figures/ into the output folder: mean +- std over seeds and "
+        "each method's difference to the baseline with a paired 95%% confidence interval.",
+        epilog="example: sarvit study cpu_stamps_jaccard --jobs 2 (shipped studies: sarvit/studies/)",
+    )
+    p.add_argument("spec", metavar="STUDY", help="a study file, or the name of a shipped study (sarvit/studies/)")
+    p.add_argument("--output", metavar="DIR", help="report folder (default results/<name>)")
+    p.add_argument("--runs", metavar="DIR", help="where the run folders lie (default: the study file's `runs`, "
+                   "relative to the output; else DIR/runs); studies that share it share identical runs")
+    p.add_argument("--set", action="append", default=[], metavar="OPTION=VALUE",
+                   help="set a sarvit train option in every run (repeatable), e.g. --set data_root=/data/imagenet")
+    p.add_argument("--jobs", type=_positive_int("jobs"), default=1,
+                   help="runs side by side (default 1); each gets cores/jobs threads, or one of --devices")
+    p.add_argument("--threads", type=_positive_int("threads"), help="threads per run (default cores/jobs)")
+    p.add_argument("--devices", metavar="LIST", help="GPUs for the parallel runs, e.g. 0,1,2,3 (CUDA_VISIBLE_DEVICES)")
+    p.add_argument("--torchrun", type=_positive_int("torchrun"), default=0, metavar="N",
+                   help="run each training under torchrun with N processes")
+    what = p.add_mutually_exclusive_group()
+    what.add_argument("--list", action="store_true", help="print the runs, their state and commands; run nothing")
+    what.add_argument("--report-only", action="store_true", help="write the report from the runs that exist; run nothing")
+
+
+def _positive_int(name: str):
+    def convert(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{name} must be a whole number >= 1; got {text!r}") from None
+        if value < 1:
+            raise argparse.ArgumentTypeError(f"{name} must be >= 1; got {value}")
+        return value
+
+    convert.__name__ = name
+    return convert
+
+
 def _add_data(sub) -> None:
     p = sub.add_parser("data", help="build the offline benchmark datasets",
                        description="Build benchmark datasets from data that ships offline.")
@@ -227,6 +268,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_attention(sub)
     _add_jaccard(sub)
     _add_curves(sub)
+    _add_study(sub)
     _add_data(sub)
     sub.add_parser("recipes", help="list the YAML recipes shipped with sarvit")
     return parser
@@ -365,6 +407,46 @@ def _cmd_curves(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_study(args: argparse.Namespace) -> int:
+    import shlex
+
+    from .study.spec import load_study
+
+    # the command that runs the study (a --report-only pass rewrites the report of those same runs)
+    argv = [a for a in sys.argv[2:] if a != "--report-only"] if sys.argv[1:2] == ["study"] else [args.spec]
+    command = shlex.join(["sarvit", "study", *argv])
+    extra = {}
+    for item in args.set:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--set {item!r}: write OPTION=VALUE, e.g. --set data_root=/data/imagenet")
+        extra[key.strip()] = value
+    study = load_study(args.spec, args.output, command=command, runs=args.runs, extra=extra)
+    devices = [d.strip() for d in args.devices.split(",") if d.strip()] if args.devices else None
+    if args.devices is not None and not devices:
+        raise ConfigError(f"--devices {args.devices!r} names no GPU; give indices such as 0,1")
+    from .study.runner import check_runs, run_study, status_of, train_command
+
+    if args.list:
+        for run in study.runs:
+            print(f"{status_of(run):11s} {run.method} | {run.cell or '-'} | seed {run.seed}: "
+                  f"{shlex.join(train_command(study, run, args.torchrun))}")
+        return 0
+    failed = []
+    if not args.report_only:
+        check_runs(study)
+        failed = run_study(study, jobs=args.jobs, threads=args.threads, devices=devices, torchrun=args.torchrun)
+    from .study.report import write_report
+
+    report = write_report(study, study.output)
+    print(f"report: {report} (and report.html, runs.csv, figures/ beside it)")
+    if failed:
+        print(f"sarvit study: {len(failed)} run(s) failed; their logs are in {study.runs_dir / 'logs'}; "
+              "fix the cause and run the same command again (finished runs are kept)", file=sys.stderr)
+        return 1
+    return 0
+
+
 def _cmd_data(args: argparse.Namespace) -> int:
     from .data.stamps import build_stamps
 
@@ -393,7 +475,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     commands = {"train": _cmd_train, "eval": _cmd_eval, "demo": _cmd_demo, "recipes": _cmd_recipes,
-                "attention": _cmd_attention, "jaccard": _cmd_jaccard, "curves": _cmd_curves, "data": _cmd_data}
+                "attention": _cmd_attention, "jaccard": _cmd_jaccard, "curves": _cmd_curves, "data": _cmd_data,
+                "study": _cmd_study}
     if args.command is None:
         parser.print_help()
         return 2
@@ -407,7 +490,8 @@ def main(argv: list[str] | None = None) -> int:
         return commands[args.command](args)
     except KeyboardInterrupt:
         then = {"train": "; `--resume auto` continues from the last checkpoint",
-                "demo": "; `--resume` with the same --output continues it"}.get(args.command, "")
+                "demo": "; `--resume` with the same --output continues it",
+                "study": "; the same command continues it (finished runs are kept)"}.get(args.command, "")
         print(f"sarvit {args.command}: interrupted{then}", file=sys.stderr)
         return 130
     except BrokenPipeError:  # `sarvit recipes | head -1`: the reader left; nothing to report

@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Any
 
 from .config import ConfigError
-from .data import SeededTransform, build_loader, build_transform, open_dataset
+from .data import SeededTransform, build_loader, build_transform, open_dataset, stratified_subset
 from .data.classes import check_same_classes, class_counts, recorded_names
 from .distributed import init_distributed, shutdown
 from .engine import evaluate, resolve_amp
@@ -33,11 +33,16 @@ def evaluate_checkpoint(
     workers: int = 4,
     device: str = "auto",
     amp: str = "auto",
+    per_head: bool = False,
+    val_per_class: int | None = None,
 ) -> dict[str, Any]:
     """Top-1/top-5, CE, mean spatial entropy and components per head on a validation split.
 
     The dataset, resolution and crop default to those the weights were trained with.
-    Under ``torchrun`` the evaluation is sharded over the processes.
+    Under ``torchrun`` the evaluation is sharded over the processes. ``per_head`` adds the
+    mean entropy and component count of each head (``se_heads``, ``components_heads``).
+    ``val_per_class``: score only the fixed stratified subset of N images a class that
+    training validates on with the same option (default: every image).
     """
     dist = init_distributed(device)
     try:
@@ -61,10 +66,13 @@ def evaluate_checkpoint(
         stats_of = meta.get("data") or run.get("data") or data
         transform = build_transform(stats_of, size, False, interpolation=run.get("interpolation", "bicubic"),
                                     crop_pct=crop_pct or run.get("crop_pct", 0.875))
-        loader, sampler = build_loader(SeededTransform(raw.dataset, transform, 0), batch_size, train=False, seed=0,
-                                       rank=dist.rank, world=dist.world, workers=workers,
+        indices = None
+        if val_per_class is not None:  # the subset training validated on (seed 0, as in training)
+            indices = stratified_subset(raw.targets, per_class=val_per_class, seed=0, option="val_per_class")
+        loader, sampler = build_loader(SeededTransform(raw.dataset, transform, 0, indices), batch_size, train=False,
+                                       seed=0, rank=dist.rank, world=dist.world, workers=workers,
                                        pin_memory=dist.device.type == "cuda")
-        metrics = evaluate(model, loader, dist, resolve_amp(amp, dist.device), desc=f"eval {data}")
+        metrics = evaluate(model, loader, dist, resolve_amp(amp, dist.device), desc=f"eval {data}", per_head=per_head)
         return {"weights": str(weights), "data": data, **metrics}
     finally:
         shutdown()

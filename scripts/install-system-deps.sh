@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
-# Debian data packages sarvit's demo and tests read offline:
+# Debian packages sarvit's demo and tests use offline:
 #   dataset-fashion-mnist    -> /usr/share/datasets/fashion-mnist (IDX .gz files)
 #   tuxpaint-stamps-default  -> /usr/share/tuxpaint/stamps (PNG cut-outs for `sarvit data stamps`)
+# and the browser a test renders a study's report.html with (headless, no network needed):
+#   chromium                 -> /usr/bin/chromium
 set -euo pipefail
 
-packages=(dataset-fashion-mnist tuxpaint-stamps-default)
+packages=(dataset-fashion-mnist tuxpaint-stamps-default chromium)
 missing=()
 for p in "${packages[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -57,7 +57,7 @@ def pick_images(data: str | None = None, data_root: str | None = None, count: in
     return [raw.dataset[i][0] for i in picked], [raw.classes[int(raw.targets[i])] for i in picked]
 
 
-def _tensors(images: list, size: int, mean, std) -> tuple[torch.Tensor, np.ndarray]:
+def image_tensors(images: list, size: int, mean, std) -> tuple[torch.Tensor, np.ndarray]:
     """Normalised ``(B, 3, size, size)`` batch and the ``(B, size, size, 3)`` display images."""
     from torchvision.transforms import functional as TF
 
@@ -91,7 +91,7 @@ def attention_figure(
     for checkpoint in checkpoints:
         loaded = load_analysis_model(checkpoint, which=which, img_size=size, model_name=model_name, device=dev)
         size = loaded.img_size  # the first checkpoint's size holds for all
-        x, shown = _tensors(images, size, loaded.mean, loaded.std)
+        x, shown = image_tensors(images, size, loaded.mean, loaded.std)
         maps = attention_maps(loaded.model, x.to(dev))
         groups.append(ModelMaps(
             name=loaded.name, attn=maps.attn.cpu().numpy(), mass=maps.mass_mask(mass).cpu().numpy(),

@@ -1,0 +1,7 @@
+"""``sarvit study``: run a grid of trainings over seeds and write the evidence.
+
+Modules: ``spec`` (the study file -> runs with stable folders), ``runner`` (runs them,
+skipping finished ones, resuming interrupted ones), ``stats`` (paired comparisons over
+seeds, SciPy), ``figures`` (the curves over seeds), ``report`` (report.md, report.html,
+runs.csv, the attention figure and Jaccard through ``sarvit.analysis``).
+"""

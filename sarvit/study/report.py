@@ -1,0 +1,626 @@
+"""The evidence of a finished study: ``write_report(study, output)``.
+
+Reads the run folders of a :class:`~.spec.Study` (``config.yaml``, ``metrics.jsonl``,
+``summary.json``, the weights) and writes into ``output``:
+
+    runs.csv            one row per run: status, the options that vary, final and best metrics
+    figures/            curves per grid cell, the attention figure (PNG)
+    jaccard/            per-image Jaccard scores of every run (when the study names masks)
+    report.md           the report, GitHub-renderable, figures linked relatively
+    report.html         the same report in one file: figures as data URIs, CSS inline, no script
+
+A run is finished when its ``summary.json`` exists. Runs that are missing or unfinished are
+listed, and every number is computed from the runs that finished (a paired difference over
+the seeds where both methods finished). Every file is written atomically.
+"""
+
+from __future__ import annotations
+
+import base64
+import csv
+import html
+import io
+import json
+import math
+import os
+import platform
+import re
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from ..errors import UserError
+from ..runlog import read_metrics
+from ..runs import RunFolder, atomic_write
+from .stats import PairedDifference, Spread, band, paired_difference, spread
+
+if TYPE_CHECKING:
+    from .spec import Run, Study
+
+__all__ = ["RunRecord", "MethodRow", "read_run", "compare", "runs_table", "write_report", "PAIRING"]
+
+PAIRING = ("paired by seed: the same seed gives the same training subset, initial weights and data order; "
+           "differences are method minus baseline, averaged over the seeds where both finished, with a 95% "
+           "Student-t confidence interval and the paired t-test's two-sided p-value (SciPy)")
+BEST_EPOCH_CAVEAT = ("best-epoch top-1 picks the epoch with the best validation top-1 on the validation set itself: "
+                     "an optimistic number, shown for reference only; compare methods on the final epoch")
+FIXED_COLUMNS = ["id", "method", "cell", "seed", "status"]
+METRIC_COLUMNS = ["final_val_top1", "final_val_top5", "best_val_top1", "best_epoch", "final_val_se",
+                  "final_val_components"]
+
+
+# --- what a run folder says ---------------------------------------------------------------------
+
+
+@dataclass
+class RunRecord:
+    """One run of the study and what its folder holds."""
+
+    run: Any  # a spec.Run
+    status: str  # finished | unfinished (stopped or failed: no summary.json) | missing
+    final: dict = field(default_factory=dict)  # the last evaluated epoch's val_* values
+    best_top1: float = math.nan
+    best_epoch: int | None = None
+    train: dict = field(default_factory=dict)  # the last epoch's train_<term> values
+    wall_seconds: float = math.nan  # sum of epoch_time
+    epochs_done: int = 0
+    curves: dict = field(default_factory=dict)  # key -> (epochs, values), keys of figures.CURVE_PANELS
+    config: dict = field(default_factory=dict)  # its config.yaml
+
+    @property
+    def finished(self) -> bool:
+        return self.status == "finished"
+
+
+def _status(folder: RunFolder) -> str:
+    if folder.summary.is_file():
+        return "finished"
+    return "unfinished" if folder.holds_run() else "missing"
+
+
+def read_run(run) -> RunRecord:
+    """Read ``run.folder``: status, final and best validation values, training terms, wall time."""
+    from .figures import CURVE_PANELS
+
+    folder = RunFolder(run.folder)
+    record = RunRecord(run, _status(folder))
+    if record.status == "missing":
+        return record
+    record.config = folder.read_config(f"the run {run.id} has a damaged config.yaml")
+    rows = [r for r in read_metrics(folder.metrics) if "epoch" in r]
+    evaluated = [r for r in rows if "val_top1" in r]
+    if evaluated:
+        record.final = {k: v for k, v in evaluated[-1].items() if k.startswith("val_")}
+        best = max(evaluated, key=lambda r: r["val_top1"])  # the first of equal values, as training keeps it
+        record.best_top1, record.best_epoch = best["val_top1"], best["epoch"]
+    if rows:
+        record.train = {k: v for k, v in rows[-1].items() if k.startswith("train_")}
+        record.wall_seconds = float(sum(r.get("epoch_time", 0.0) for r in rows))
+        record.epochs_done = int(rows[-1]["epoch"])
+    for key in CURVE_PANELS:
+        points = [(r["epoch"], r[key]) for r in rows if key in r]
+        record.curves[key] = ([p[0] for p in points], [p[1] for p in points])
+    return record
+
+
+# --- options ------------------------------------------------------------------------------------
+
+
+def _text(value) -> str:
+    """A value as one table cell: numbers and words as written, lists and mappings as JSON."""
+    if value is None:
+        return ""
+    if isinstance(value, (dict, list, tuple)):
+        return json.dumps(value, sort_keys=True)
+    return str(value)
+
+
+def option_split(options: list[dict]) -> tuple[dict, list[str]]:
+    """``(shared, varying)``: the options every one of ``options`` sets to the same value, and the names
+    of the others (in first-seen order)."""
+    names = list(dict.fromkeys(k for o in options for k in o))
+    shared, varying = {}, []
+    for name in names:
+        values = {json.dumps(o[name], sort_keys=True, default=str) if name in o else None for o in options}
+        if len(values) == 1:
+            shared[name] = options[0][name]
+        else:
+            varying.append(name)
+    return shared, varying
+
+
+# --- runs.csv ---------------------------------------------------------------------------------
+
+
+def runs_table(records: list[RunRecord]) -> tuple[list[str], list[list[str]]]:
+    """Header and rows of ``runs.csv``: one row per run, the options that vary across the study,
+    the final and best validation metrics, every final training term, wall time and epochs."""
+    _, varying = option_split([r.run.options for r in records])
+    varying = [v for v in varying if v not in FIXED_COLUMNS]
+    terms = sorted({k for r in records for k in r.train})
+    header = [*FIXED_COLUMNS, *varying, *METRIC_COLUMNS, *terms, "wall_time_s", "epochs_done"]
+    rows = []
+    for r in records:
+        values = [r.final.get("val_top1"), r.final.get("val_top5"), r.best_top1, r.best_epoch,
+                  r.final.get("val_se"), r.final.get("val_components")]
+        rows.append([r.run.id, r.run.method, r.run.cell, str(r.run.seed), r.status,
+                     *(_text(r.run.options.get(v)) for v in varying),
+                     *(_number(v) for v in values), *(_number(r.train.get(t)) for t in terms),
+                     _number(r.wall_seconds), str(r.epochs_done) if r.status != "missing" else ""])
+    return header, rows
+
+
+def _number(value) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return ""
+    return repr(value) if isinstance(value, float) else str(value)
+
+
+def _fixed(value, digits: int = 2) -> str:
+    """A number for a table a person reads (runs.csv keeps every digit)."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return ""
+    return f"{value:.{digits}f}"
+
+
+def _csv_text(header: list[str], rows: list[list[str]]) -> str:
+    buffer = io.StringIO()
+    out = csv.writer(buffer, lineterminator="\n")
+    out.writerow(header)
+    out.writerows(rows)
+    return buffer.getvalue()
+
+
+# --- the comparison of one cell -------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class MethodRow:
+    """One method in one cell: spreads over its finished seeds and the paired difference to the baseline."""
+
+    method: str
+    top1: Spread
+    difference: PairedDifference | None  # None for the baseline itself
+    best_top1: Spread
+    se: Spread
+    components: Spread
+    wall: Spread
+
+
+def _by_seed(records: list[RunRecord], value) -> dict[int, float]:
+    return {r.run.seed: value(r) for r in records if r.finished}
+
+
+def compare(records: list[RunRecord], cell: str, methods: list[str], baseline: str) -> list[MethodRow]:
+    """The rows of the comparison table of ``cell``, one per method in ``methods`` order."""
+    in_cell = [r for r in records if r.run.cell == cell and r.finished]
+    top1 = lambda r: r.final.get("val_top1", math.nan)  # noqa: E731
+    reference = _by_seed([r for r in in_cell if r.run.method == baseline], top1)
+    rows = []
+    for method in methods:
+        mine = [r for r in in_cell if r.run.method == method]
+        rows.append(MethodRow(
+            method=method,
+            top1=spread([top1(r) for r in mine]),
+            difference=None if method == baseline else paired_difference(_by_seed(mine, top1), reference),
+            best_top1=spread([r.best_top1 for r in mine]),
+            se=spread([r.final.get("val_se", math.nan) for r in mine]),
+            components=spread([r.final.get("val_components", math.nan) for r in mine]),
+            wall=spread([r.wall_seconds for r in mine]),
+        ))
+    return rows
+
+
+def _mean_std(s: Spread, digits: int = 2) -> str:
+    if s.n == 0:
+        return "n/a"
+    if s.n < 2:
+        return f"{s.mean:.{digits}f} ± n/a"
+    return f"{s.mean:.{digits}f} ± {s.std:.{digits}f}"
+
+
+def _difference(d: PairedDifference | None, digits: int = 2) -> str:
+    if d is None:
+        return "(baseline)"
+    if d.n == 0:
+        return "n/a (no shared seed)"
+    if d.n < 2:
+        return f"{d.mean:+.{digits}f} [n/a]"
+    return f"{d.mean:+.{digits}f} [{d.low:+.{digits}f}, {d.high:+.{digits}f}]"
+
+
+def _p_value(d: PairedDifference | None) -> str:
+    if d is None:
+        return ""
+    return "n/a" if math.isnan(d.p_value) else f"{d.p_value:.3g}"
+
+
+def _duration(s: Spread) -> str:
+    if s.n == 0:
+        return "n/a"
+    seconds = s.mean
+    if seconds < 120:
+        return f"{seconds:.1f} s"
+    return f"{seconds / 60:.1f} min" if seconds < 7200 else f"{seconds / 3600:.2f} h"
+
+
+COMPARISON_HEADER = ["method", "seeds", "final val top-1 (%)", "Δ top-1 vs baseline [95% CI]", "pairs", "p",
+                     "best-epoch top-1 (%) †", "val SE", "components/head", "wall time / run"]
+
+
+def comparison_table(rows: list[MethodRow]) -> list[list[str]]:
+    return [[r.method, str(r.top1.n), _mean_std(r.top1), _difference(r.difference),
+             "" if r.difference is None else str(r.difference.n), _p_value(r.difference), _mean_std(r.best_top1),
+             _mean_std(r.se, 3), _mean_std(r.components), _duration(r.wall)] for r in rows]
+
+
+# --- the document: blocks rendered to markdown and to HTML ---------------------------------------
+
+
+@dataclass
+class Block:
+    kind: str  # heading | text | code | table | image | items | details
+    text: str = ""
+    level: int = 2
+    header: list = field(default_factory=list)
+    rows: list = field(default_factory=list)
+    path: Path | None = None  # an image's file
+    link: str = ""  # an image's path relative to the report
+
+
+def _md_cell(text: str) -> str:
+    return str(text).replace("|", "\\|").replace("\n", " ")
+
+
+def to_markdown(blocks: list[Block]) -> str:
+    out = []
+    for b in blocks:
+        if b.kind == "heading":
+            out.append(f"{'#' * b.level} {b.text}")
+        elif b.kind == "text":
+            out.append(b.text)
+        elif b.kind == "code":
+            out.append(f"```\n{b.text}\n```")
+        elif b.kind in ("table", "details"):
+            table = "\n".join(["| " + " | ".join(_md_cell(h) for h in b.header) + " |",
+                               "|" + "|".join("---" for _ in b.header) + "|",
+                               *("| " + " | ".join(_md_cell(c) for c in row) + " |" for row in b.rows)])
+            out.append(f"<details><summary>{html.escape(b.text)}</summary>\n\n{table}\n\n</details>"
+                       if b.kind == "details" else table)
+        elif b.kind == "image":
+            out.append(f"![{b.text}]({b.link})")
+        elif b.kind == "items":
+            out.append("\n".join(f"- {item}" for item in b.rows))
+    return "\n\n".join(out) + "\n"
+
+
+def _inline(text: str) -> str:
+    """Escaped text with markdown's `code`, **bold** and relative [links](path) as HTML (a link to
+    another site stays text: the page refers to nothing outside its folder)."""
+    text = html.escape(text)
+    text = re.sub(r"`([^`]+)`", r"<code>\1</code>", text)
+    text = re.sub(r"\[([^\]]+)\]\(([^):]+)\)", r'<a href="\2">\1</a>', text)
+    return re.sub(r"\*\*([^*]+)\*\*", r"<strong>\1</strong>", text)
+
+
+def _html_table(header: list, rows: list) -> str:
+    head = "".join(f"<th>{_inline(str(h))}</th>" for h in header)
+    body = "".join("<tr>" + "".join(f"<td>{_inline(str(c))}</td>" for c in row) + "</tr>" for row in rows)
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+CSS = """
+body { font-family: -apple-system, 'Segoe UI', Helvetica, Arial, sans-serif; max-width: 1150px; margin: 2em auto;
+       padding: 0 1em; color: #1f2328; line-height: 1.45; }
+table { border-collapse: collapse; margin: 0.8em 0; font-size: 0.9em; }
+th, td { border: 1px solid #d0d7de; padding: 4px 8px; text-align: left; }
+th { background: #f6f8fa; }
+pre { background: #f6f8fa; padding: 0.8em; overflow-x: auto; white-space: pre-wrap; word-break: break-all; }
+code { font-family: ui-monospace, Menlo, Consolas, monospace; font-size: 0.9em; }
+img { max-width: 100%; border: 1px solid #d0d7de; }
+h1, h2 { border-bottom: 1px solid #d0d7de; padding-bottom: 0.2em; }
+"""
+
+
+def _data_uri(path: Path) -> str:
+    return "data:image/png;base64," + base64.b64encode(Path(path).read_bytes()).decode("ascii")
+
+
+def to_html(blocks: list[Block], title: str) -> str:
+    """One self-contained page: CSS inline, every figure a data URI, no script, no external resource."""
+    out = []
+    for b in blocks:
+        if b.kind == "heading":
+            out.append(f"<h{b.level}>{_inline(b.text)}</h{b.level}>")
+        elif b.kind == "text":
+            out.append("".join(f"<p>{_inline(p)}</p>" for p in b.text.split("\n\n")))
+        elif b.kind == "code":
+            out.append(f"<pre><code>{html.escape(b.text)}</code></pre>")
+        elif b.kind == "table":
+            out.append(_html_table(b.header, b.rows))
+        elif b.kind == "details":
+            out.append(f"<details><summary>{_inline(b.text)}</summary>{_html_table(b.header, b.rows)}</details>")
+        elif b.kind == "image":
+            out.append(f'<figure><img src="{_data_uri(b.path)}" alt="{html.escape(b.text, quote=True)}"></figure>')
+        elif b.kind == "items":
+            out.append("<ul>" + "".join(f"<li>{_inline(item)}</li>" for item in b.rows) + "</ul>")
+    return (f'<!DOCTYPE html>\n<html lang="en">\n<head>\n<meta charset="utf-8">\n<title>{html.escape(title)}</title>\n'
+            f"<style>{CSS}</style>\n</head>\n<body>\n" + "\n".join(out) + "\n</body>\n</html>\n")
+
+
+# --- the sections ---------------------------------------------------------------------------------
+
+
+def _environment() -> list[str]:
+    import timm
+    import torch
+
+    from .. import __version__
+
+    if torch.cuda.is_available():
+        device = f"{torch.cuda.get_device_name(0)} (CUDA {torch.version.cuda}, {torch.cuda.device_count()} device(s))"
+    else:
+        device = f"CPU only: {platform.machine()}, {os.cpu_count()} cores"
+    return [f"date: {datetime.now().astimezone().isoformat(timespec='seconds')}",
+            f"versions: sarvit {__version__}, torch {torch.__version__}, timm {timm.__version__}, "
+            f"Python {platform.python_version()}",
+            f"device: {device}"]
+
+
+def _shown_path(path: str) -> str:
+    """A path as a reader can use it: a shipped file by its place in the package, one under the working
+    folder relative to it, else as given."""
+    from importlib import resources
+
+    package = Path(str(resources.files("sarvit"))).resolve()
+    resolved = Path(path).resolve()
+    if resolved.is_relative_to(package):
+        return f"sarvit/{resolved.relative_to(package).as_posix()}"
+    if resolved.is_relative_to(Path.cwd().resolve()):
+        return resolved.relative_to(Path.cwd().resolve()).as_posix()
+    return str(path)
+
+
+def _header(study, records: list[RunRecord]) -> list[Block]:
+    shared, _ = option_split([r.run.options for r in records])
+    finished_configs = [r.config for r in records if r.config]
+    config_shared, _ = option_split(finished_configs) if finished_configs else ({}, [])
+    config_shared.pop("output", None)
+    for key in ("data", "data_root"):  # as the study wrote them, not as the machine resolved them
+        if key in config_shared and key in shared:
+            config_shared[key] = shared[key]
+        elif isinstance(config_shared.get(key), str) and os.path.isabs(config_shared[key]):
+            config_shared[key] = _shown_path(config_shared[key])
+    shared_text = ", ".join(f"`{k}={_text(v)}`" for k, v in shared.items()) or "none"
+    blocks = [
+        Block("heading", study.title, level=1),
+        Block("text", study.description),
+        Block("text", "Command that made this study:"),
+        Block("code", study.command),
+        Block("items", rows=[
+            f"recipe: `{_shown_path(study.recipe)}`; options every run shared on top of it: {shared_text}",
+            f"methods: {', '.join(study.methods)} (baseline: **{study.baseline}**)",
+            f"grid cells: {', '.join(c or '(none)' for c in study.cells)}; seeds: {', '.join(map(str, study.seeds))}",
+            f"runs: {len(records)}, finished {sum(r.finished for r in records)}",
+            *_environment(),
+        ]),
+    ]
+    if config_shared:
+        blocks.append(Block("details", "every option of config.yaml the runs shared", header=["option", "value"],
+                            rows=[[k, _text(v)] for k, v in config_shared.items()]))
+    return blocks
+
+
+def _cell_title(cell: str) -> str:
+    return f"cell {cell}" if cell else "all runs"
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9]+", "-", text).strip("-").lower() or "all"
+
+
+def _results(study, records: list[RunRecord], output: Path) -> list[Block]:
+    from .figures import CURVE_PANELS, plot_cell_curves, save_png
+
+    blocks = [Block("heading", "Results"),
+              Block("text", f"Final-epoch validation top-1 per method, mean ± sample standard deviation (ddof=1) "
+                            f"over the finished seeds. {PAIRING[0].upper() + PAIRING[1:]}. "
+                            f"With fewer than two pairs there is no interval or p-value (n/a).\n\n"
+                            f"† {BEST_EPOCH_CAVEAT[0].upper() + BEST_EPOCH_CAVEAT[1:]}.")]
+    for i, cell in enumerate(study.cells):
+        rows = compare(records, cell, study.methods, study.baseline)
+        pairs = ", ".join(f"{r.method}: n={r.difference.n}" for r in rows if r.difference is not None)
+        blocks += [Block("heading", _cell_title(cell), level=3),
+                   Block("table", header=COMPARISON_HEADER, rows=comparison_table(rows)),
+                   Block("text", f"Pairs with the baseline ({study.baseline}) by seed: {pairs or 'none'}.")]
+        in_cell = [r for r in records if r.run.cell == cell and r.finished]
+        panels = {key: {m: band([r.curves[key] for r in in_cell if r.run.method == m]) for m in study.methods}
+                  for key in CURVE_PANELS}
+        path = output / "figures" / f"curves-{i + 1:02d}-{_slug(cell)}.png"
+        save_png(plot_cell_curves(panels, f"{study.title}: {_cell_title(cell)}"), path)
+        blocks.append(Block("image", f"curves of {_cell_title(cell)}", path=path,
+                            link=path.relative_to(output).as_posix()))
+    return blocks
+
+
+def _chosen_runs(study, records: list[RunRecord]) -> tuple[list[RunRecord], list[str]]:
+    """The finished run of every method at the attention figure's cell and seed, and what is missing."""
+    cell = study.attention.get("cell")
+    cell = study.cells[0] if cell is None else cell
+    seed = study.attention.get("seed")
+    seed = study.seeds[0] if seed is None else seed
+    chosen, absent = [], []
+    for method in study.methods:
+        found = [r for r in records if r.run.method == method and r.run.cell == cell and r.run.seed == seed
+                 and r.finished]
+        (chosen if found else absent).append(found[0] if found else method)
+    return chosen, absent
+
+
+def attention_figure_of_runs(chosen: list[RunRecord], path: Path, count: int, which: str = "last",
+                             img_size: int | None = None, device: str = "auto") -> Path:
+    """The attention figure of :mod:`sarvit.analysis.figures` for one run per method, on ``count`` validation
+    images of the first run's data, every model at the first one's input size (default: its training size)."""
+    from ..analysis import ModelMaps, attention_maps, load_analysis_model, plot_attention_figure
+    from ..analysis.gallery import image_tensors, pick_images
+    from ..analysis.protocol import resolve_device
+
+    config = chosen[0].config
+    images, captions = pick_images(config.get("data"), config.get("data_root"), count)
+    dev = resolve_device(device)
+    groups, shown = [], None
+    for record in chosen:
+        loaded = load_analysis_model(record.run.folder, which=which, img_size=img_size, device=dev)
+        img_size = loaded.img_size
+        x, shown = image_tensors(images, img_size, loaded.mean, loaded.std)  # (B, 3, S, S), (B, S, S, 3)
+        maps = attention_maps(loaded.model, x.to(dev))
+        groups.append(ModelMaps(name=record.run.method, attn=maps.attn.cpu().numpy(),
+                                mass=maps.mass_mask(0.6).cpu().numpy(), components=maps.components.cpu().numpy(),
+                                entropy=maps.entropy.cpu().numpy()))
+    plot_attention_figure(shown, groups, path, captions, title=f"Last block at {img_size}x{img_size}, per head: "
+                          "[CLS] attention (post-softmax), its 60%-mass mask and components of ReLU(S - mean)")
+    return path
+
+
+def _attention(study, records: list[RunRecord], output: Path) -> list[Block]:
+    if not study.attention:
+        return []
+    blocks = [Block("heading", "Attention maps")]
+    chosen, absent = _chosen_runs(study, records)
+    which = study.attention.get("which", "last")
+    if not chosen:
+        return blocks + [Block("text", "Not drawn: no method has a finished run at the chosen cell and seed.")]
+    path = output / "figures" / "attention.png"
+    try:
+        attention_figure_of_runs(chosen, path, int(study.attention.get("images", 6)), which=which,
+                                 img_size=study.attention.get("img_size"))
+    except UserError as err:
+        return blocks + [Block("text", f"Not drawn: {err}")]
+    run = chosen[0].run
+    text = (f"The same validation images through one run of every method ({_cell_title(run.cell)}, seed "
+            f"{run.seed}, `{which}` weights): " + ", ".join(f"{r.run.method} = `{r.run.id}`" for r in chosen) + ".")
+    if absent:
+        text += f" Left out (no finished run there): {', '.join(absent)}."
+    return blocks + [Block("text", text), Block("image", "attention maps", path=path,
+                                                link=path.relative_to(output).as_posix())]
+
+
+def _jaccard(study, records: list[RunRecord], output: Path) -> list[Block]:
+    from ..analysis import run_jaccard
+
+    data = (study.jaccard or {}).get("data")
+    if not data:
+        return []
+    options = study.jaccard
+    which, img_size = options.get("which", "last"), int(options.get("img_size", 480))
+    blocks = [Block("heading", "Jaccard similarity with object masks"),
+              Block("text", f"Masks: `{data}`. Per head the patches holding 60% of the [CLS] attention mass at "
+                            f"{img_size}x{img_size}, best IoU over heads per object, mean over images (Table 11 "
+                            f"protocol, void pixels counted in the union; `{which}` weights). Mean ± std over seeds; "
+                            f"difference to the baseline {PAIRING.split(';')[0]}.")]
+    scores: dict[str, float] = {}
+    try:
+        for r in records:
+            if r.finished:
+                out = output / "jaccard" / f"{r.run.id}.csv"
+                out.parent.mkdir(parents=True, exist_ok=True)
+                summary, _ = run_jaccard(r.run.folder, data, data_root=options.get("data_root"), img_size=img_size,
+                                         which=which, output=out, progress=False)
+                scores[r.run.id] = summary.jaccard
+    except UserError as err:
+        return blocks + [Block("text", f"Not computed: {err}")]
+    if not scores:
+        return blocks + [Block("text", "Not computed: no run finished.")]
+    for cell in study.cells:
+        in_cell = [r for r in records if r.run.cell == cell and r.run.id in scores]
+        of = lambda m: {r.run.seed: scores[r.run.id] for r in in_cell if r.run.method == m}  # noqa: E731
+        rows = []
+        for method in study.methods:
+            d = None if method == study.baseline else paired_difference(of(method), of(study.baseline))
+            rows.append([method, str(len(of(method))), _mean_std(spread(list(of(method).values())), 3),
+                         _difference(d, 3), "" if d is None else str(d.n), _p_value(d)])
+        blocks += [Block("heading", _cell_title(cell), level=3),
+                   Block("table", header=["method", "seeds", "Jaccard", "Δ vs baseline [95% CI]", "pairs", "p"],
+                         rows=rows)]
+    return blocks
+
+
+def _sorted_heads(values: list[float], order: list[int]) -> list[float]:
+    return [values[i] for i in order]
+
+
+def _heads(study, records: list[RunRecord]) -> list[Block]:
+    """Every head's spatial entropy and components (the last weights on the run's validation images).
+
+    Head indices mean nothing across seeds, so each run's heads are sorted by entropy, lowest
+    first, and the k-th lowest heads are averaged over seeds.
+    """
+    if not study.heads:
+        return []
+    from ..evaluation import evaluate_checkpoint
+
+    blocks = [Block("heading", "Spatial entropy per head"),
+              Block("text", "The last weights of every finished run on its validation images; per run the heads are "
+                            "sorted by spatial entropy (lowest first) and the k-th lowest heads averaged over seeds "
+                            "(mean ± std). Components: connected components of the thresholded map, per image.")]
+    measured: dict[str, tuple[list[float], list[float]]] = {}
+    try:
+        for r in records:
+            if r.finished:
+                config = r.config
+                out = evaluate_checkpoint(r.run.folder, which="last", batch_size=int(config.get("batch_size", 64)),
+                                          workers=0, val_per_class=config.get("val_per_class"), per_head=True,
+                                          device=config.get("device", "auto"))
+                order = sorted(range(len(out["se_heads"])), key=lambda h: out["se_heads"][h])
+                measured[r.run.id] = (_sorted_heads(out["se_heads"], order),
+                                      _sorted_heads(out["components_heads"], order))
+    except UserError as err:
+        return blocks + [Block("text", f"Not computed: {err}")]
+    if not measured:
+        return blocks + [Block("text", "Not computed: no run finished.")]
+    count = max(len(v[0]) for v in measured.values())
+    header = ["method", "seeds", *[f"SE, head {k + 1}" for k in range(count)],
+              *[f"components, head {k + 1}" for k in range(count)]]
+    for cell in study.cells:
+        rows = []
+        for method in study.methods:
+            mine = [measured[r.run.id] for r in records
+                    if r.run.cell == cell and r.run.method == method and r.run.id in measured]
+            if not mine:
+                continue
+            se = [_mean_std(spread([m[0][k] for m in mine if k < len(m[0])]), 3) for k in range(count)]
+            comp = [_mean_std(spread([m[1][k] for m in mine if k < len(m[1])]), 2) for k in range(count)]
+            rows.append([method, str(len(mine)), *se, *comp])
+        blocks += [Block("heading", _cell_title(cell), level=3), Block("table", header=header, rows=rows)]
+    return blocks
+
+
+def _run_list(records: list[RunRecord]) -> list[Block]:
+    rows = [[r.run.id, r.run.method, r.run.cell, str(r.run.seed), r.status, _fixed(r.final.get("val_top1")),
+             str(r.epochs_done) if r.status != "missing" else ""] for r in records]
+    missing = [f"`{r.run.id}` ({r.run.method}, {_cell_title(r.run.cell)}, seed {r.run.seed}): {r.status}"
+               for r in records if not r.finished]
+    return [Block("heading", "Runs"),
+            Block("text", "Every run of the study; all columns, the options that vary and the training terms are in "
+                          "[runs.csv](runs.csv)."),
+            Block("table", header=["id", "method", "cell", "seed", "status", "final val top-1", "epochs"], rows=rows),
+            Block("heading", "Missing runs"),
+            Block("items", rows=missing) if missing else Block("text", "None: every run finished.")]
+
+
+# --- the entry point -------------------------------------------------------------------------------
+
+
+def write_report(study: Study, output: Path) -> Path:
+    """Write ``runs.csv``, ``figures/``, ``report.md`` and ``report.html`` of ``study`` into ``output``;
+    returns the path of ``report.md``."""
+    output = Path(output)
+    (output / "figures").mkdir(parents=True, exist_ok=True)
+    records = [read_run(run) for run in study.runs]
+    header, rows = runs_table(records)
+    atomic_write(output / "runs.csv", lambda tmp: tmp.write_text(_csv_text(header, rows)))
+    blocks = [*_header(study, records), *_results(study, records, output), *_attention(study, records, output),
+              *_jaccard(study, records, output), *_heads(study, records), *_run_list(records)]
+    atomic_write(output / "report.html", lambda tmp: tmp.write_text(to_html(blocks, study.title)))
+    return atomic_write(output / "report.md", lambda tmp: tmp.write_text(to_markdown(blocks)))

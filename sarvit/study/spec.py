@@ -1,0 +1,290 @@
+"""A study file: a grid of ``sarvit train`` runs, expanded into runs with stable folders.
+
+    name: fmnist_methods
+    title: SAR against the baselines on Fashion-MNIST
+    recipe: fashion_mnist_cpu          # a shipped recipe's name, or a path relative to this file
+    options: {epochs: 20}              # set in every run
+    baseline: baseline                 # compared with every other method, paired by seed
+    methods:                           # the rows of the table: a label and the options it sets
+      baseline: {sar: false}
+      SAR: {}
+    grid:                              # further axes; every cell runs every method
+      data size:                       # labelled cells ...
+        100/class: {per_class: 100}
+        500/class: {per_class: 500, epochs: 8}
+      lambda: [0.001, 0.01]            # ... or the values of one option ("lambda=0.001")
+    seeds: [0, 1, 2]
+    attention: {images: 6}             # optional: the attention figure (cell, seed: which runs)
+    jaccard: {data: data/stamps}       # optional: Jaccard against the masks of this data
+    heads: true                        # optional: spatial entropy and components of every head
+    runs: runs                         # optional: where run folders live, relative to the output
+                                       # (``sarvit study --runs DIR`` overrides it)
+
+A run's folder name is a readable slug of the options it sets plus a hash of those
+options and of the recipe's text: the same run in two studies (rows A, C and F of
+Table 1(b) are also the baseline, "C" and SAR of the methods study) shares one folder
+when both studies point ``runs`` at the same place, and editing an option makes a
+new run instead of clashing with a finished one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import re
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from ..config import ConfigError, field_name, load_config, read_recipe, recipe_path, shown_name, yaml_problem
+
+__all__ = ["Run", "Study", "load_study", "run_id", "study_path"]
+
+# options a study decides itself: each run's folder, resuming, and the seed of each run
+RESERVED = {"output", "resume", "extend", "seed"}
+KEYS = {"name", "title", "description", "recipe", "options", "baseline", "methods", "grid", "seeds", "attention",
+        "jaccard", "heads", "runs"}
+
+
+@dataclass(frozen=True)
+class Run:
+    id: str  # folder name under the study's runs folder
+    method: str  # the method's label
+    cell: str  # the grid cell's label ("" without a grid)
+    seed: int
+    options: dict  # every option the run sets on top of the recipe (study options, cell, method, seed)
+    folder: Path
+
+
+@dataclass(frozen=True)
+class Study:
+    name: str
+    title: str
+    description: str
+    recipe: str  # path of the base recipe
+    methods: list[str]
+    baseline: str
+    cells: list[str]
+    seeds: list[int]
+    runs: list[Run]  # cell-major, then method, then seed
+    command: str = ""
+    attention: dict = field(default_factory=dict)
+    jaccard: dict = field(default_factory=dict)
+    heads: bool = False  # a table of every head's spatial entropy and components
+    options: dict = field(default_factory=dict)  # what every run sets on top of the recipe
+    runs_dir: Path | None = None  # where the run folders lie
+    output: Path | None = None  # the report folder
+
+
+def _problem(path: Path, text: str) -> ConfigError:
+    return ConfigError(f"study {path}: {text}")
+
+
+def _mapping(path: Path, where: str, value: Any) -> dict:
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise _problem(path, f"{where} must be a mapping of option: value; got {value!r}")
+    return value
+
+
+def _options(path: Path, where: str, value: Any) -> dict[str, Any]:
+    """A mapping of ``sarvit train`` options, keys spelled as in recipes (``lambda``, ``per_class``)."""
+    out = {}
+    for key, item in _mapping(path, where, value).items():
+        try:
+            name = field_name(key)
+        except ConfigError as err:
+            raise _problem(path, f"{where}: {err}") from None
+        if name in RESERVED:
+            raise _problem(path, f"{where}: {shown_name(name)!r} is set by the study itself (seeds: the seeds list; "
+                                 "output/resume: each run's folder); remove it")
+        out[shown_name(name)] = item
+    return out
+
+
+def _cells(path: Path, grid: Any) -> list[tuple[str, dict]]:
+    """``grid`` -> ``[(label, options)]``, the product of its axes in file order."""
+    axes = []
+    for axis, values in _mapping(path, "grid", grid).items():
+        if isinstance(values, dict) and values:
+            axes.append([(str(label), _options(path, f"grid.{axis}.{label}", opts)) for label, opts in values.items()])
+        elif isinstance(values, list) and values:
+            name = _options(path, f"grid.{axis}", {axis: None})  # the axis must be an option
+            key = next(iter(name))
+            axes.append([(f"{key}={'none' if v is None else v}", {key: v}) for v in values])
+        else:
+            raise _problem(path, f"grid.{axis} must be a non-empty list of values of the option {axis!r}, or a "
+                                 "mapping of cell label: options")
+    cells = []
+    for combo in itertools.product(*axes):
+        label = ", ".join(lab for lab, _ in combo)
+        merged: dict[str, Any] = {}
+        for _, opts in combo:
+            merged.update(opts)
+        cells.append((label, merged))
+    return cells or [("", {})]
+
+
+def _seeds(path: Path, seeds: Any) -> list[int]:
+    if seeds is None:
+        return [0]
+    if not isinstance(seeds, list) or not seeds or not all(isinstance(s, int) and not isinstance(s, bool)
+                                                            and s >= 0 for s in seeds):
+        raise _problem(path, f"seeds must be a non-empty list of integers >= 0; got {seeds!r}")
+    if len(set(seeds)) != len(seeds):
+        raise _problem(path, f"seeds repeat a value: {seeds}")
+    return list(seeds)
+
+
+# the options that tell runs apart most often come first in a run's folder name
+_FIRST = ("seed", "objective", "sar", "layout", "lambda", "per_class", "train_fraction", "model", "data")
+
+
+def _slug(options: dict[str, Any]) -> str:
+    parts = []
+    order = {key: i for i, key in enumerate(_FIRST)}
+    for key, value in sorted(options.items(), key=lambda kv: (order.get(kv[0], len(order)), kv[0])):
+        text = json.dumps(value, sort_keys=True) if isinstance(value, (dict, list)) else str(value)
+        parts.append(f"{key}-{text}")
+    slug = re.sub(r"[^A-Za-z0-9.=-]+", "_", "_".join(parts)).strip("_")
+    return slug[:90].rstrip("_-") or "recipe"
+
+
+def run_id(recipe_text: str, options: dict[str, Any]) -> str:
+    """``<slug of the options>-<8 hex digits>``: the hash covers the options and the recipe's text."""
+    blob = json.dumps({"recipe": recipe_text, "options": options}, sort_keys=True, default=str)
+    return f"{_slug(options)}-{hashlib.sha256(blob.encode()).hexdigest()[:8]}"
+
+
+def study_path(spec: str | Path) -> Path:
+    """A study file given as a path, or by the name of a study shipped in ``sarvit/studies``."""
+    path = Path(spec).expanduser()
+    if path.exists() or path.suffix in (".yaml", ".yml") and path.parent != Path("."):
+        return path
+    shipped = resources.files("sarvit").joinpath("studies", f"{str(spec).removesuffix('.yaml')}.yaml")
+    if shipped.is_file():
+        return Path(str(shipped))
+    names = sorted(p.name.removesuffix(".yaml") for p in resources.files("sarvit").joinpath("studies").iterdir()
+                   if p.name.endswith(".yaml"))
+    raise ConfigError(f"study {str(spec)!r} is neither a file nor a shipped study; shipped studies: {', '.join(names)}")
+
+
+def _read(path: Path) -> dict:
+    try:
+        loaded = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"study file {path} does not exist; give the path of a study YAML file "
+                          "or the name of a shipped study") from None
+    except IsADirectoryError:
+        raise ConfigError(f"study file {path} is a folder; give the path of a study YAML file") from None
+    except yaml.YAMLError as err:
+        raise ConfigError(f"study {path}: malformed YAML at {yaml_problem(err)}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"study {path} is not a text file; a study is a YAML mapping") from None
+    if not isinstance(loaded, dict):
+        raise _problem(path, "a study is a YAML mapping with name, recipe, methods, baseline, seeds, ...")
+    unknown = sorted(set(loaded) - KEYS)
+    if unknown:
+        raise _problem(path, f"unknown key(s) {', '.join(map(str, unknown))}; a study has {', '.join(sorted(KEYS))}")
+    return loaded
+
+
+def _recipe(path: Path, recipe: Any) -> Path:
+    if not isinstance(recipe, str) or not recipe:
+        raise _problem(path, "recipe must name a sarvit train recipe (a shipped recipe's name or a YAML path)")
+    local = (path.parent / recipe).expanduser()
+    return local if local.is_file() else recipe_path(recipe)
+
+
+_WEIGHTS = ("best", "last", "best_ema")
+_FIGURE_KEYS = {"attention": {"images", "cell", "seed", "which", "img_size"},
+                "jaccard": {"data", "data_root", "img_size", "which"}}
+
+
+def _figure_options(path: Path, key: str, value: Any, cells: list[str], seeds: list[int]) -> dict:
+    """The ``attention`` / ``jaccard`` sections, checked now rather than when the report is written."""
+    options = dict(_mapping(path, key, value))
+    unknown = sorted(set(map(str, options)) - _FIGURE_KEYS[key])
+    if unknown:
+        raise _problem(path, f"{key}: unknown key(s) {', '.join(unknown)}; it takes {', '.join(sorted(_FIGURE_KEYS[key]))}")
+
+    def whole(name: str, low: int) -> None:
+        item = options.get(name)
+        if item is not None and (not isinstance(item, int) or isinstance(item, bool) or item < low):
+            raise _problem(path, f"{key}.{name} must be a whole number >= {low}; got {item!r}")
+
+    whole("images", 1)
+    whole("img_size", 1)
+    if options.get("cell") is not None and options["cell"] not in cells:
+        raise _problem(path, f"{key}.cell {options['cell']!r} is not a cell of the grid ({', '.join(map(repr, cells))})")
+    if options.get("seed") is not None and options["seed"] not in seeds:
+        raise _problem(path, f"{key}.seed {options['seed']!r} is not one of the seeds {seeds}")
+    if options.get("which", "last") not in _WEIGHTS:
+        raise _problem(path, f"{key}.which must be one of {', '.join(_WEIGHTS)}; got {options['which']!r}")
+    if key == "jaccard" and options:
+        if not isinstance(options.get("data"), str) or not options["data"]:
+            raise _problem(path, "jaccard.data must name the masks to score against (a folder with images/ and "
+                                 "masks/, e.g. data/stamps, or voc2012)")
+    return options
+
+
+def load_study(path: str | Path, output: str | Path | None = None, command: str = "",
+               runs: str | Path | None = None, extra: dict[str, Any] | None = None) -> Study:
+    """Read and expand a study file; every run's options are range-checked here, before anything runs.
+
+    ``path``: a study file, or the name of a shipped one. ``output`` (default
+    ``results/<name>``) holds the report; runs lie in ``runs`` if given, else in the
+    folder the file's ``runs`` key names (relative to ``output``; default ``runs``).
+    ``extra``: options set in every run on top of the file's ``options`` (``--set``).
+    """
+    path = study_path(path)
+    spec = _read(path)
+    name = spec.get("name")
+    if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", name):
+        raise _problem(path, f"name must be a short identifier (letters, digits, _ . -); got {name!r}")
+    recipe = _recipe(path, spec.get("recipe"))
+    read_recipe(recipe)  # a malformed recipe is named now
+    recipe_text = recipe.read_text()
+    common = {**_options(path, "options", spec.get("options")), **_options(path, "--set", extra)}
+    methods = {str(k): _options(path, f"methods.{k}", v) for k, v in _mapping(path, "methods", spec.get("methods")).items()}
+    if not methods:
+        raise _problem(path, "methods must name at least one method (label: options), e.g. 'SAR: {}'")
+    baseline = str(spec.get("baseline", next(iter(methods))))
+    if baseline not in methods:
+        raise _problem(path, f"baseline {baseline!r} is not one of the methods ({', '.join(methods)})")
+    cells = _cells(path, spec.get("grid"))
+    seeds = _seeds(path, spec.get("seeds"))
+    output = Path(output) if output is not None else Path("results") / name
+    runs_dir = Path(runs) if runs is not None else output / str(spec.get("runs", "runs"))
+    runs = []
+    for cell, cell_options in cells:
+        for method, method_options in methods.items():
+            for seed in seeds:
+                options = {**common, **cell_options, **method_options, "seed": seed}
+                try:
+                    load_config(recipe, options)
+                except ConfigError as err:
+                    where = f"method {method!r}" + (f", cell {cell!r}" if cell else "")
+                    raise _problem(path, f"{where}: {err}") from None
+                rid = run_id(recipe_text, options)
+                runs.append(Run(rid, method, cell, seed, options, runs_dir / rid))
+    ids = [r.id for r in runs]
+    if len(set(ids)) != len(ids):
+        twice = sorted({i for i in ids if ids.count(i) > 1})
+        raise _problem(path, f"two methods or cells set the same options (runs {', '.join(twice)}); "
+                             "give each method/cell different options")
+    attention = _figure_options(path, "attention", spec.get("attention"), [c for c, _ in cells], seeds)
+    jaccard = _figure_options(path, "jaccard", spec.get("jaccard"), [c for c, _ in cells], seeds)
+    heads = spec.get("heads", False)
+    if not isinstance(heads, bool):
+        raise _problem(path, f"heads must be true or false; got {heads!r}")
+    return Study(
+        name=name, title=str(spec.get("title", name)), description=str(spec.get("description", "")).strip(),
+        recipe=str(recipe), methods=list(methods), baseline=baseline, cells=[c for c, _ in cells], seeds=seeds,
+        runs=runs, command=command, attention=attention, jaccard=jaccard, heads=heads, options=common, runs_dir=runs_dir, output=output,
+    )
