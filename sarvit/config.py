@@ -148,8 +148,8 @@ def _auto_augment(value: str) -> str | None:
 
 
 def _model_kwargs(value: dict) -> str | None:
-    reserved = {"num_classes": "the dataset sets it", "img_size": "use --img-size", "drop_path_rate": "use --drop-path",
-                "pretrained": "sarvit creates models without pretrained weights"}
+    reserved = {"num_classes": "the dataset sets it", "img_size": "use --img-size", "image_size": "use --img-size",
+                "drop_path_rate": "use --drop-path", "pretrained": "sarvit creates models without pretrained weights"}
     for key in value:
         if not isinstance(key, str):
             return f"a mapping of argument names to values; {key!r} is not a name"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+import inspect
 import json
 import math
 from pathlib import Path
@@ -18,6 +19,8 @@ from .errors import ConfigError, WeightsNotFound
 from .surgery import attach, check_supported
 
 __all__ = ["create_model", "load_model", "resolve_weights", "check_image_size"]
+
+TORCHVISION = "torchvision:"  # a model name with this prefix is torchvision's, not timm's
 
 # the weights a run folder holds, by the name `--which` gives them, in the order they are looked for
 RUN_WEIGHTS = {
@@ -39,24 +42,61 @@ def create_model(
 ) -> nn.Module:
     """``timm.create_model(name, ...)`` (no pretrained weights) made a SAR model by :func:`attach`.
 
-    Raises :class:`ConfigError` for an unknown name, arguments the model refuses, or an
-    ``img_size`` its patch size does not divide, and :class:`UnsupportedModel` for a
-    model of a family SAR does not support. Under ``with torch.device("meta")`` it
-    checks all that without allocating the weights.
+    ``name`` is a timm model name, or ``torchvision:<name>`` for a torchvision model
+    (``torchvision:vit_b_16``). Raises :class:`ConfigError` for an unknown name, arguments
+    the model refuses, or an ``img_size`` its patch size does not divide, and
+    :class:`UnsupportedModel` for a model of a family SAR does not support. Under
+    ``with torch.device("meta")`` it checks all that without allocating the weights.
     """
+    if name.startswith(TORCHVISION):
+        model = _create_torchvision(name.removeprefix(TORCHVISION), num_classes, img_size, drop_path, model_kwargs)
+        return attach(model, layout=layout, query=query)
     _check_name(name)
     with torch.device("meta"):  # the family, from the model with its defaults; no memory
-        check_supported(timm.create_model(name, pretrained=False))
+        default = timm.create_model(name, pretrained=False)
+        check_supported(default)
     kwargs = dict(num_classes=num_classes, drop_path_rate=drop_path, **(model_kwargs or {}))
-    if img_size is not None:
-        kwargs["img_size"] = img_size
+    if img_size is not None and "img_size" in inspect.signature(type(default)).parameters:
+        kwargs["img_size"] = img_size  # models without one (PVT v2) take any size
     try:
         model = timm.create_model(name, pretrained=False, **kwargs)
     except TypeError as err:
         raise ConfigError(f"timm model {name!r} does not accept these arguments {sorted(kwargs)}: {err}") from None
+    except (ValueError, RuntimeError, AssertionError, ZeroDivisionError) as err:  # e.g. depth -2, dim 0
+        given = {k: v for k, v in (model_kwargs or {}).items()}
+        raise ConfigError(f"timm model {name!r} cannot be built with model_kwargs {given}: "
+                          f"{type(err).__name__}: {err}; check the values (sizes must be positive)") from None
     if img_size is not None:
         check_image_size(model, img_size)
     return attach(model, layout=layout, query=query)
+
+
+def _create_torchvision(name: str, num_classes: int, img_size: int | None, drop_path: float,
+                        model_kwargs: dict[str, Any] | None) -> nn.Module:
+    """``torchvision.models.get_model(name, weights=None, ...)``, its options checked first."""
+    import torchvision
+
+    known = torchvision.models.list_models()
+    if name not in known:
+        close = difflib.get_close_matches(name, known, n=3)
+        hint = f" Did you mean {', '.join(TORCHVISION + c for c in close)}?" if close else ""
+        raise ConfigError(f"unknown model {TORCHVISION}{name}: torchvision has no model of that name.{hint}")
+    if drop_path:
+        raise ConfigError(f"torchvision's {name} has no stochastic depth; set drop_path (--drop-path) to 0")
+    if "image_size" in (model_kwargs or {}):
+        raise ConfigError("set the input size of a torchvision model with img_size (--img-size), not model_kwargs")
+    kwargs = dict(weights=None, num_classes=num_classes, **(model_kwargs or {}))
+    with torch.device("meta"):  # the family and the patch size, from the model with its defaults; no memory
+        default = torchvision.models.get_model(name, weights=None)
+        check_supported(default)
+    if img_size is not None:
+        check_image_size(default, img_size)
+        kwargs["image_size"] = img_size
+    try:
+        return torchvision.models.get_model(name, **kwargs)
+    except TypeError as err:
+        raise ConfigError(f"torchvision model {name!r} does not accept these arguments {sorted(kwargs)}: {err}; "
+                          "its builder fixes the architecture (layers, width, heads, patch size)") from None
 
 
 def _check_name(name: str) -> None:
@@ -69,7 +109,11 @@ def _check_name(name: str) -> None:
 def check_image_size(model: nn.Module, img_size: int) -> None:
     """Refuse an ``img_size`` the model's patch size does not divide (the last rows and
     columns of pixels would be dropped without a word)."""
-    patch = tuple(model.patch_embed.patch_size)  # (ph, pw)
+    embed = getattr(model, "patch_embed", None)  # timm; torchvision's ViT holds patch_size itself
+    patch = tuple(embed.patch_size) if embed is not None else (model.patch_size, model.patch_size)  # (ph, pw)
+    reductions = {f["reduction"] for f in getattr(model, "feature_info", None) or [] if isinstance(f, dict)}
+    if len(reductions) > 1:  # a pyramid (Swin, PVT): its total stride must divide the input
+        patch = (max(reductions),) * 2
     if any(img_size % p for p in patch):
         step = math.lcm(*patch)
         below, above = (img_size // step) * step, (img_size // step + 1) * step

@@ -50,6 +50,7 @@ from .factory import create_model
 from .objectives import SupervisedObjective, build_objective, classification_loss, drloc_lambda_at, lambda_at
 from .runlog import RunLog, read_metrics
 from .runs import RunFolder, RunLock, atomic_write, remove, run_folder_of
+from .surgery import sar_block
 
 __all__ = ["train"]
 
@@ -604,7 +605,15 @@ def _build_objective(cfg: TrainConfig, model, mixup_active: bool):
     ce = classification_loss(mixup_active, cfg.smoothing)
     if not _auxiliary_on(cfg):
         return SupervisedObjective(ce)  # its term is never computed: the forward is the plain one
-    return build_objective(cfg.objective, ce, dim=model.embed_dim, drloc_pairs=cfg.drloc_pairs)
+    return build_objective(cfg.objective, ce, dim=_token_width(model), drloc_pairs=cfg.drloc_pairs)
+
+
+def _token_width(model) -> int:
+    """The width C of the tokens leaving the last block (timm: ``num_features``; torchvision: ``hidden_dim``)."""
+    width = getattr(model, "num_features", None) or getattr(model, "hidden_dim", None)
+    if width is None:
+        raise ConfigError(f"{type(model).__name__} does not say the width of its last tokens (num_features)")
+    return int(width)
 
 
 class _Optimized(torch.nn.Module):
@@ -640,7 +649,7 @@ def _validate(model, ema, data: Data, dist: Dist, amp: str, epoch: int) -> dict[
 def _metadata(cfg: TrainConfig, classes: list, layout: str, model) -> dict[str, Any]:
     return {
         "model": cfg.model, "model_kwargs": cfg.model_kwargs, "img_size": cfg.img_size, "num_classes": len(classes),
-        "classes": classes, "layout": layout, "query": model.blocks[-1].query, "sar": cfg.sar,
+        "classes": classes, "layout": layout, "query": sar_block(model).query, "sar": cfg.sar,
         "lambda": cfg.lambda_, "data": cfg.data, "objective": _objective_name(cfg),
     }
 
@@ -658,12 +667,20 @@ def _banner(cfg, dist, data: Data, layout, parts: Parts, plan: Plan) -> str:
     what = _objective_text(cfg)
     lines = [
         f"sarvit train: {cfg.model} ({params:.2f}M params, last block {layout}) - {what}",
+        f"  query: {_query_text(cfg.query, sar_block(parts.model).query)}",
         f"  data {cfg.data}: {data.train_size} train / {data.val_size} val images, {len(data.classes)} classes, "
         f"{data.steps_per_epoch} steps/epoch of {cfg.batch_size} x {dist.world} process(es)",
         f"  device {dist.device}, amp {parts.amp}, {cfg.epochs} epochs, run folder {plan.run.root}",
     ]
     lines += [f"  warning: {warning}" for warning in data.warnings]
     return "\n".join(lines + [f"  {note}" for note in plan.notes])
+
+
+def _query_text(asked: str, used: str) -> str:
+    """The query of Eq. 4 in words: the class token, or the mean of the patch queries (Sec. 5.2)."""
+    if used == "cls":
+        return "the class token"
+    return "mean of the patch queries" + (" (no class token)" if asked == "auto" else "")
 
 
 def _objective_text(cfg: TrainConfig) -> str:

@@ -179,15 +179,15 @@ def test_unsupported_models_raise_type_error_naming_the_supported():
         sarvit.attach(post_norm)
 
 
-def test_a_torchvision_vit_is_named_by_its_module_path():
-    from torchvision.models.vision_transformer import VisionTransformer as TorchvisionViT
+def test_a_torchvision_model_of_no_family_is_named_by_its_module_path():
+    from torchvision.models import resnet18
 
-    model = TorchvisionViT(image_size=32, patch_size=8, num_layers=1, num_heads=2, hidden_dim=8, mlp_dim=8)
     with pytest.raises(UnsupportedModel) as caught:
-        sarvit.attach(model)
+        sarvit.attach(resnet18(num_classes=3))
     message = str(caught.value)
-    assert "torchvision.models.vision_transformer.VisionTransformer" in message
+    assert "torchvision.models.resnet.ResNet" in message
     assert "not timm's" in message and "SAR supports these families: timm VisionTransformer" in message
+    assert "torchvision VisionTransformer" in message or "torchvision" in message.split("families:")[1]
 
 
 def test_the_supported_families_message_lists_the_registry(monkeypatch):

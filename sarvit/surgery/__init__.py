@@ -17,13 +17,14 @@ from __future__ import annotations
 from torch import nn
 
 from ..errors import ConfigError, UnsupportedModel
-from . import vit
+from . import cvt, pvt, pvt_v2, swin, t2t, torchvision_vit, vit
 from .block import LAYOUTS, BlockLayout, SARBlock, resolve_layout
 
 __all__ = ["attach", "detach", "is_attached", "check_supported", "supported_families", "FAMILIES",
-           "BlockLayout", "LAYOUTS", "resolve_layout", "SARBlock"]
+           "BlockLayout", "LAYOUTS", "resolve_layout", "SARBlock", "sar_block"]
 
-FAMILIES = [vit]  # each: NAME, DESCRIPTION, matches(model), attach(model, layout, query), detach(model)
+# each: NAME, DESCRIPTION, matches(model), attach(model, layout, query), detach(model); tried in this order
+FAMILIES = [vit, t2t, pvt, pvt_v2, cvt, swin, torchvision_vit]
 
 
 def supported_families() -> str:
@@ -72,6 +73,14 @@ def detach(model: nn.Module) -> nn.Module:
     if not is_attached(model):
         raise ValueError("this model has no SAR attached")
     return _family(model).detach(model)
+
+
+def sar_block(model: nn.Module) -> SARBlock:
+    """The block :func:`attach` rewired: its ``query`` (``"cls"`` or ``"mean"``), ``layout``, ..."""
+    for module in model.modules():
+        if isinstance(module, SARBlock):
+            return module
+    raise ValueError("this model has no SAR attached")
 
 
 def is_attached(model: nn.Module) -> bool:

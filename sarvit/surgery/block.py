@@ -150,10 +150,16 @@ class SARBlock(nn.Module):
     ``(B, heads, N - prefix)`` (see :func:`similarity_from_qk` for the kinds).
     """
 
+    NORM2 = "norm2"  # the wrapped block's name for LN2 (torchvision's EncoderBlock calls it "ln_2")
+    OPTIONAL = ("ls1", "ls2", "drop_path1", "drop_path2")  # parts a block may lack: then the identity
+
     def __init__(self, block: nn.Module, layout: BlockLayout, num_prefix_tokens: int, query: str) -> None:
         super().__init__()
         for name, child in block.named_children():
             self.add_module(name, child)  # same objects, same names: timm's parameter keys
+        for name in self.OPTIONAL:
+            if name not in self._modules:
+                self.add_module(name, nn.Identity())  # no parameters: the state dict does not change
         self.layout = layout
         self.num_prefix_tokens = num_prefix_tokens
         self.query = query
@@ -162,7 +168,7 @@ class SARBlock(nn.Module):
         if not layout.msa_skip:
             unused.append(self.ls1)
         if not (layout.mlp_norm and layout.mlp_skip):
-            unused.append(self.norm2)
+            unused.append(getattr(self, self.NORM2))
         if not layout.mlp_skip:
             unused.append(self.ls2)
         self._frozen = tuple((p, p.requires_grad) for m in unused for p in m.parameters())
@@ -178,14 +184,15 @@ class SARBlock(nn.Module):
         a, S = attention_with_similarity(self.attn, self.norm1(x), self.num_prefix_tokens, self.query, similarity)
         return self._finish(x, a), S
 
-    def _finish(self, x: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
-        """Combine the block input ``x`` and the attention output ``a`` (both ``(B, N, C)``)."""
+    def _finish(self, x: torch.Tensor, a: torch.Tensor, *mlp_args) -> torch.Tensor:
+        """Combine the block input ``x`` and the attention output ``a`` (both ``(B, N, C)``);
+        ``mlp_args`` go to the MLP after the tokens (e.g. the token grid of a convolutional MLP)."""
         layout = self.layout
         z = x + self.drop_path1(self.ls1(a)) if layout.msa_skip else a  # Eq. 1 or Eq. 10
         if not layout.mlp_skip:
-            return self.mlp(z)  # row D
-        h = self.norm2(z) if layout.mlp_norm else z
-        return z + self.drop_path2(self.ls2(self.mlp(h)))  # Eq. 2 or Eq. 11
+            return self.mlp(z, *mlp_args)  # row D
+        h = getattr(self, self.NORM2)(z) if layout.mlp_norm else z
+        return z + self.drop_path2(self.ls2(self.mlp(h, *mlp_args)))  # Eq. 2 or Eq. 11
 
     def restore(self) -> nn.Module:
         """Unfreeze what this wrapper froze and return the original block (same weights)."""
