@@ -194,7 +194,7 @@ def _add_study(sub) -> None:
         description="Expand a study file (methods x grid cells x seeds over any `sarvit train` option) into runs, "
         "run those not finished yet (an interrupted run continues from its checkpoint), then write report.md, "
         "report.html (self-contained), runs.csv and figures/ into the output folder: mean +- std over seeds and "
-        "each method's difference to the baseline with a paired 95%% confidence interval.",
+        "each method's difference to the baseline with a paired 95% confidence interval.",
         epilog="example: sarvit study cpu_stamps_jaccard --jobs 2 (shipped studies: sarvit/studies/)",
     )
     p.add_argument("spec", metavar="STUDY", help="a study file, or the name of a shipped study (sarvit/studies/)")
@@ -202,7 +202,8 @@ def _add_study(sub) -> None:
     p.add_argument("--runs", metavar="DIR", help="where the run folders lie (default: the study file's `runs`, "
                    "relative to the output; else DIR/runs); studies that share it share identical runs")
     p.add_argument("--set", action="append", default=[], metavar="OPTION=VALUE",
-                   help="set a sarvit train option in every run (repeatable), e.g. --set data_root=/data/imagenet")
+                   help="set a sarvit train option in every run, over what the study file says (repeatable), "
+                   "e.g. --set data_root=/data/imagenet")
     p.add_argument("--jobs", type=_positive_int("jobs"), default=1,
                    help="runs side by side (default 1); each gets cores/jobs threads, or one of --devices")
     p.add_argument("--threads", type=_positive_int("threads"), help="threads per run (default cores/jobs)")
@@ -300,7 +301,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 def _cmd_eval(args: argparse.Namespace) -> int:
     if args.output:
-        _check_writable_file(args.output)  # before minutes of evaluation, not after
+        check_writable_file(args.output)  # before minutes of evaluation, not after
     if not Path(args.checkpoint).expanduser().exists():  # answered before torch is imported
         from .errors import WeightsNotFound
 
@@ -324,7 +325,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
-def _check_writable_file(path: str) -> None:
+def check_writable_file(path: str) -> None:
     """Raise ``ConfigError`` unless a file can be written at ``path`` (its folder is created)."""
     target = Path(path)
     if target.is_dir():
@@ -433,7 +434,11 @@ def _cmd_study(args: argparse.Namespace) -> int:
                   f"{shlex.join(train_command(study, run, args.torchrun))}")
         return 0
     failed = []
-    if not args.report_only:
+    if args.report_only:
+        from .study.runner import check_output
+
+        check_output(study)
+    else:
         check_runs(study)
         failed = run_study(study, jobs=args.jobs, threads=args.threads, devices=devices, torchrun=args.torchrun)
     from .study.report import write_report

@@ -168,6 +168,7 @@ def test_runs_finish_and_a_second_pass_skips_them(tmp_path):
 
     report = write_report(dataclasses.replace(study, heads=True), tmp_path / "report").read_text()
     table = report.split("## Spatial entropy per head")[1]
+    assert "SE, head rank 1" in table
     for run in study.runs:
         row = next(line for line in table.splitlines() if line.startswith(f"| {run.method} |"))
         heads = [float(cell.split()[0]) for cell in row.split("|")[3:5]]
@@ -237,3 +238,43 @@ def test_cli_lists_runs_with_their_commands_and_refuses_bad_options(tmp_path):
         bad = subprocess.run([*python_cli(), "study", str(spec), *args], capture_output=True, text=True, timeout=120)
         assert bad.returncode == 2 and message in bad.stderr, bad.stderr
         assert "Traceback" not in bad.stderr
+
+
+def test_refusals_found_before_any_run(tmp_path):
+    """Mistakes the review found only after hours of training are now refused at start-up."""
+    spec = write_study(tmp_path / "s.yaml", options={"per_class": 10})
+    # a key given twice would silently drop a method
+    twice = tmp_path / "twice.yaml"
+    twice.write_text(spec.read_text().replace("methods:\n", "methods:\n  SAR: {lambda: 0.1}\n", 1))
+    with pytest.raises(ConfigError, match="the key 'SAR' is given twice"):
+        load_study(twice)
+    # two methods that train the same configuration (sar is true by default)
+    with pytest.raises(ConfigError, match="methods 'a' and 'b' train the same configuration"):
+        load_study(write_study(tmp_path / "same.yaml", methods={"a": {}, "b": {"sar": True}}, baseline="a"))
+    with pytest.raises(ConfigError, match="two grid axes set lr"):
+        load_study(write_study(tmp_path / "axes.yaml", grid={"x": {"p": {"lr": 0.1}}, "y": {"q": {"lr": 0.2}}}))
+    with pytest.raises(ConfigError, match="seeds is missing"):
+        load_study(write_study(tmp_path / "noseed.yaml", seeds=None))
+    # values are read as the option's type: 1e-2 written as text is the run of 0.01
+    a = load_study(write_study(tmp_path / "a.yaml", options={"lr": "1e-2"}), tmp_path / "oa")
+    b = load_study(write_study(tmp_path / "b.yaml", options={"lr": 0.01}), tmp_path / "ob")
+    assert a.runs[0].id == b.runs[0].id
+    c = load_study(spec, tmp_path / "oc", extra={"epochs": "3", "per_class": "12"})  # --set wins over the file
+    assert c.runs[0].options["epochs"] == 3 and c.runs[0].options["per_class"] == 12
+
+
+def test_unwritable_output_missing_masks_and_a_foreign_report_are_refused_at_start(tmp_path):
+    from sarvit.study.runner import check_runs
+
+    spec = write_study(tmp_path / "s.yaml", options={"per_class": 10})
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    with pytest.raises(ConfigError, match="cannot write into --output"):
+        check_runs(load_study(spec, blocker / "out"))
+    masks = write_study(tmp_path / "m.yaml", options={"per_class": 10}, jaccard={"data": str(tmp_path / "nomasks")})
+    with pytest.raises(ConfigError, match="jaccard.data"):
+        check_runs(load_study(masks, tmp_path / "out"))
+    (tmp_path / "theirs").mkdir()
+    (tmp_path / "theirs" / "study.txt").write_text("another\n")
+    with pytest.raises(ConfigError, match="holds the report of the study 'another'"):
+        check_runs(load_study(spec, tmp_path / "theirs"))

@@ -142,7 +142,7 @@ def test_runs_csv_values_from_the_run_folders(report):
     assert float(b1["train_loss"]) == pytest.approx(2.0 - 0.2 + 1) and b1["train_se"] == ""
     assert float(rows["sar-seed-0"]["train_se"]) == pytest.approx(0.5)
     # the option that varies (sar) gets a column, those shared (per_class, epochs) do not; seed has its own
-    assert b1["sar"] == "False" and rows["sar-seed-0"]["sar"] == ""
+    assert b1["sar"] == "False" and rows["sar-seed-0"]["sar"] == "True"  # not set by the run: its config.yaml
     assert "per_class" not in b1 and list(b1).count("seed") == 1
     missing = rows["sar-seed-2"]
     assert missing["status"] == "missing" and missing["final_val_top1"] == "" and missing["wall_time_s"] == ""

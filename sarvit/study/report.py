@@ -135,7 +135,8 @@ def option_split(options: list[dict]) -> tuple[dict, list[str]]:
 
 def runs_table(records: list[RunRecord]) -> tuple[list[str], list[list[str]]]:
     """Header and rows of ``runs.csv``: one row per run, the options that vary across the study,
-    the final and best validation metrics, every final training term, wall time and epochs."""
+    the final and best validation metrics, every final training term, wall time and epochs. An option a
+    run did not set shows the value its ``config.yaml`` holds (the recipe's or the default)."""
     _, varying = option_split([r.run.options for r in records])
     varying = [v for v in varying if v not in FIXED_COLUMNS]
     terms = sorted({k for r in records for k in r.train})
@@ -145,7 +146,7 @@ def runs_table(records: list[RunRecord]) -> tuple[list[str], list[list[str]]]:
         values = [r.final.get("val_top1"), r.final.get("val_top5"), r.best_top1, r.best_epoch,
                   r.final.get("val_se"), r.final.get("val_components")]
         rows.append([r.run.id, r.run.method, r.run.cell, str(r.run.seed), r.status,
-                     *(_text(r.run.options.get(v)) for v in varying),
+                     *(_text(r.run.options[v] if v in r.run.options else r.config.get(v)) for v in varying),
                      *(_number(v) for v in values), *(_number(r.train.get(t)) for t in terms),
                      _number(r.wall_seconds), str(r.epochs_done) if r.status != "missing" else ""])
     return header, rows
@@ -227,6 +228,8 @@ def _difference(d: PairedDifference | None, digits: int = 2) -> str:
         return "n/a (no shared seed)"
     if d.n < 2:
         return f"{d.mean:+.{digits}f} [n/a]"
+    if math.isnan(d.low):  # the same difference on every seed: no spread, no t-interval
+        return f"{d.mean:+.{digits}f} [n/a: the same on every seed]"
     return f"{d.mean:+.{digits}f} [{d.low:+.{digits}f}, {d.high:+.{digits}f}]"
 
 
@@ -246,7 +249,7 @@ def _duration(s: Spread) -> str:
 
 
 COMPARISON_HEADER = ["method", "seeds", "final val top-1 (%)", "Δ top-1 vs baseline [95% CI]", "pairs", "p",
-                     "best-epoch top-1 (%) †", "val SE", "components/head", "wall time / run"]
+                     "best-epoch top-1 (%) †", "val SE", "components/head", "training time / run ‡"]
 
 
 def comparison_table(rows: list[MethodRow]) -> list[list[str]]:
@@ -427,7 +430,9 @@ def _results(study, records: list[RunRecord], output: Path) -> list[Block]:
               Block("text", f"Final-epoch validation top-1 per method, mean ± sample standard deviation (ddof=1) "
                             f"over the finished seeds. {PAIRING[0].upper() + PAIRING[1:]}. "
                             f"With fewer than two pairs there is no interval or p-value (n/a).\n\n"
-                            f"† {BEST_EPOCH_CAVEAT[0].upper() + BEST_EPOCH_CAVEAT[1:]}.")]
+                            f"† {BEST_EPOCH_CAVEAT[0].upper() + BEST_EPOCH_CAVEAT[1:]}.\n\n"
+                            "‡ The sum of the epochs' times (training and validation), without the start-up of "
+                            "each process; runs that shared the machine took longer.")]
     for i, cell in enumerate(study.cells):
         rows = compare(records, cell, study.methods, study.baseline)
         pairs = ", ".join(f"{r.method}: n={r.difference.n}" for r in rows if r.difference is not None)
@@ -562,7 +567,7 @@ def _heads(study, records: list[RunRecord]) -> list[Block]:
 
     blocks = [Block("heading", "Spatial entropy per head"),
               Block("text", "The last weights of every finished run on its validation images; per run the heads are "
-                            "sorted by spatial entropy (lowest first) and the k-th lowest heads averaged over seeds "
+                            "sorted by spatial entropy (rank 1: the lowest) and the heads of one rank averaged over seeds "
                             "(mean ± std). Components: connected components of the thresholded map, per image.")]
     measured: dict[str, tuple[list[float], list[float]]] = {}
     try:
@@ -580,8 +585,8 @@ def _heads(study, records: list[RunRecord]) -> list[Block]:
     if not measured:
         return blocks + [Block("text", "Not computed: no run finished.")]
     count = max(len(v[0]) for v in measured.values())
-    header = ["method", "seeds", *[f"SE, head {k + 1}" for k in range(count)],
-              *[f"components, head {k + 1}" for k in range(count)]]
+    header = ["method", "seeds", *[f"SE, head rank {k + 1}" for k in range(count)],
+              *[f"components, head rank {k + 1}" for k in range(count)]]
     for cell in study.cells:
         rows = []
         for method in study.methods:
@@ -618,6 +623,7 @@ def write_report(study: Study, output: Path) -> Path:
     output = Path(output)
     (output / "figures").mkdir(parents=True, exist_ok=True)
     records = [read_run(run) for run in study.runs]
+    atomic_write(output / "study.txt", lambda tmp: tmp.write_text(study.name + "\n"))  # whose report this is
     header, rows = runs_table(records)
     atomic_write(output / "runs.csv", lambda tmp: tmp.write_text(_csv_text(header, rows)))
     blocks = [*_header(study, records), *_results(study, records, output), *_attention(study, records, output),

@@ -23,10 +23,11 @@ from typing import Any, Callable
 import yaml
 
 from ..config import ConfigError, load_config, validate_with_libraries
+from ..errors import UserError
 from ..runs import RunFolder
 from .spec import Run, Study
 
-__all__ = ["RunStatus", "status_of", "train_command", "check_runs", "run_study"]
+__all__ = ["RunStatus", "status_of", "train_command", "check_runs", "check_output", "check_writable", "run_study", "MARKER"]
 
 
 @dataclass
@@ -66,7 +67,17 @@ def train_command(study: Study, run: Run, torchrun: int = 0) -> list[str]:
 
 
 def check_runs(study: Study) -> None:
-    """The checks only timm can make (model, optimizer, schedule, data), once per distinct configuration."""
+    """Before the first run: the folders can be written, the masks of ``jaccard`` exist, and the checks
+    only timm can make (model, optimizer, schedule, data), once per distinct configuration."""
+    check_output(study)
+    check_writable(Path(study.runs_dir), "--runs")
+    if study.jaccard:
+        from ..data.masks import open_masked
+
+        try:
+            open_masked(study.jaccard["data"], study.jaccard.get("data_root"))
+        except UserError as err:
+            raise ConfigError(f"study {study.name}: jaccard.data: {err}") from None
     seen = set()
     for run in study.runs:
         options = {k: v for k, v in run.options.items() if k != "seed"}
@@ -79,6 +90,30 @@ def check_runs(study: Study) -> None:
         except ConfigError as err:
             where = f"method {run.method!r}" + (f", cell {run.cell!r}" if run.cell else "")
             raise ConfigError(f"study {study.name}: {where}: {err}") from None
+
+
+MARKER = "study.txt"  # in a report folder: the name of the study whose report it holds
+
+
+def check_output(study: Study) -> None:
+    """The report folder can be written and holds no other study's report."""
+    output = Path(study.output)
+    marker = output / MARKER
+    if marker.is_file() and marker.read_text().strip() != study.name:
+        raise ConfigError(f"{output} holds the report of the study {marker.read_text().strip()!r}, not of "
+                          f"{study.name!r}; choose another --output")
+    check_writable(output, "--output")
+
+
+def check_writable(folder: Path, what: str) -> None:
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / f".write-test-{os.getpid()}"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as err:
+        raise ConfigError(f"cannot write into {what} {folder}: {err.strerror or err}; choose a folder you can "
+                          "write to") from None
 
 
 def _minutes(seconds: float) -> str:
@@ -134,7 +169,7 @@ def run_study(study: Study, *, jobs: int = 1, threads: int | None = None, device
     statuses = [RunStatus(run, status_of(run)) for run in study.runs]
     todo = [s for s in statuses if s.state != "finished"]
     counts = {state: sum(s.state == state for s in statuses) for state in ("finished", "interrupted", "new")}
-    say(f"sarvit study {study.name}: {len(statuses)} runs ({counts['finished']} finished, "
+    say(f"sarvit study {study.name}: {len(statuses)} run{'s' if len(statuses) != 1 else ''} ({counts['finished']} finished, "
         f"{counts['interrupted']} to resume, {counts['new']} new), {jobs} at a time; runs in {study.runs_dir}")
     if not todo:
         return []
@@ -175,7 +210,7 @@ def run_study(study: Study, *, jobs: int = 1, threads: int | None = None, device
             slots.free.append(slot)
             seconds = time.monotonic() - began
             run = status.run
-            if proc.returncode == 0 and status_of(run) == "finished":
+            if status_of(run) == "finished":  # also when another study sharing the run finished it
                 done += 1
                 durations.append(seconds)
                 left = total - done - len(failed)

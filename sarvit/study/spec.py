@@ -40,7 +40,8 @@ from typing import Any
 
 import yaml
 
-from ..config import ConfigError, field_name, load_config, read_recipe, recipe_path, shown_name, yaml_problem
+from ..config import (ConfigError, field_name, load_config, parse_value, read_recipe, recipe_path, shown_name,
+                      to_dict, yaml_problem)
 
 __all__ = ["Run", "Study", "load_study", "run_id", "study_path"]
 
@@ -93,13 +94,17 @@ def _mapping(path: Path, where: str, value: Any) -> dict:
 
 
 def _options(path: Path, where: str, value: Any) -> dict[str, Any]:
-    """A mapping of ``sarvit train`` options, keys spelled as in recipes (``lambda``, ``per_class``)."""
+    """A mapping of ``sarvit train`` options, keys spelled as in recipes (``lambda``, ``per_class``),
+    values read as the option's type (``"1e-2"`` and ``0.01`` are one value, so one run)."""
     out = {}
     for key, item in _mapping(path, where, value).items():
         try:
             name = field_name(key)
+            item = parse_value(name, item) if item is not None else None
         except ConfigError as err:
             raise _problem(path, f"{where}: {err}") from None
+        if isinstance(item, tuple):
+            item = list(item)
         if name in RESERVED:
             raise _problem(path, f"{where}: {shown_name(name)!r} is set by the study itself (seeds: the seeds list; "
                                  "output/resume: each run's folder); remove it")
@@ -125,6 +130,9 @@ def _cells(path: Path, grid: Any) -> list[tuple[str, dict]]:
         label = ", ".join(lab for lab, _ in combo)
         merged: dict[str, Any] = {}
         for _, opts in combo:
+            twice = sorted(set(merged) & set(opts))
+            if twice:
+                raise _problem(path, f"two grid axes set {', '.join(twice)}; give each option to one axis")
             merged.update(opts)
         cells.append((label, merged))
     return cells or [("", {})]
@@ -132,7 +140,8 @@ def _cells(path: Path, grid: Any) -> list[tuple[str, dict]]:
 
 def _seeds(path: Path, seeds: Any) -> list[int]:
     if seeds is None:
-        return [0]
+        raise _problem(path, "seeds is missing: list the seeds every method runs with, e.g. seeds: [0, 1, 2] "
+                             "(a difference needs at least two)")
     if not isinstance(seeds, list) or not seeds or not all(isinstance(s, int) and not isinstance(s, bool)
                                                             and s >= 0 for s in seeds):
         raise _problem(path, f"seeds must be a non-empty list of integers >= 0; got {seeds!r}")
@@ -174,9 +183,23 @@ def study_path(spec: str | Path) -> Path:
     raise ConfigError(f"study {str(spec)!r} is neither a file nor a shipped study; shipped studies: {', '.join(names)}")
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """A YAML loader that refuses a key given twice in one mapping (PyYAML keeps the last one)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(None, None, f"the key {key!r} is given twice",
+                                                        key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
 def _read(path: Path) -> dict:
     try:
-        loaded = yaml.safe_load(path.read_text())
+        loaded = yaml.load(path.read_text(), Loader=_UniqueKeyLoader)
     except FileNotFoundError:
         raise ConfigError(f"study file {path} does not exist; give the path of a study YAML file "
                           "or the name of a shipped study") from None
@@ -250,7 +273,8 @@ def load_study(path: str | Path, output: str | Path | None = None, command: str 
     recipe = _recipe(path, spec.get("recipe"))
     read_recipe(recipe)  # a malformed recipe is named now
     recipe_text = recipe.read_text()
-    common = {**_options(path, "options", spec.get("options")), **_options(path, "--set", extra)}
+    common = _options(path, "options", spec.get("options"))
+    forced = _options(path, "--set", extra)  # set in every run, over the file's cells and methods
     methods = {str(k): _options(path, f"methods.{k}", v) for k, v in _mapping(path, "methods", spec.get("methods")).items()}
     if not methods:
         raise _problem(path, "methods must name at least one method (label: options), e.g. 'SAR: {}'")
@@ -260,17 +284,26 @@ def load_study(path: str | Path, output: str | Path | None = None, command: str 
     cells = _cells(path, spec.get("grid"))
     seeds = _seeds(path, spec.get("seeds"))
     output = Path(output) if output is not None else Path("results") / name
-    runs_dir = Path(runs) if runs is not None else output / str(spec.get("runs", "runs"))
+    runs_key = spec.get("runs", "runs")
+    if not isinstance(runs_key, str) or not runs_key:
+        raise _problem(path, f"runs must be a folder (relative to the output); got {runs_key!r}")
+    runs_dir = Path(runs) if runs is not None else output / runs_key
     runs = []
     for cell, cell_options in cells:
+        resolved: dict[str, str] = {}  # the full configuration of each method in this cell -> its label
         for method, method_options in methods.items():
             for seed in seeds:
-                options = {**common, **cell_options, **method_options, "seed": seed}
+                options = {**common, **cell_options, **method_options, **forced, "seed": seed}
                 try:
-                    load_config(recipe, options)
+                    cfg = load_config(recipe, options)
                 except ConfigError as err:
                     where = f"method {method!r}" + (f", cell {cell!r}" if cell else "")
                     raise _problem(path, f"{where}: {err}") from None
+                if seed == seeds[0]:
+                    same = resolved.setdefault(repr(sorted(to_dict(cfg).items())), method)
+                    if same != method:
+                        raise _problem(path, f"methods {same!r} and {method!r} train the same configuration"
+                                             + (f" in cell {cell!r}" if cell else "") + "; make them differ")
                 rid = run_id(recipe_text, options)
                 runs.append(Run(rid, method, cell, seed, options, runs_dir / rid))
     ids = [r.id for r in runs]
@@ -283,8 +316,12 @@ def load_study(path: str | Path, output: str | Path | None = None, command: str 
     heads = spec.get("heads", False)
     if not isinstance(heads, bool):
         raise _problem(path, f"heads must be true or false; got {heads!r}")
+    for key in ("title", "description"):
+        if not isinstance(spec.get(key, ""), str):
+            raise _problem(path, f"{key} must be text; got {spec[key]!r}")
     return Study(
-        name=name, title=str(spec.get("title", name)), description=str(spec.get("description", "")).strip(),
-        recipe=str(recipe), methods=list(methods), baseline=baseline, cells=[c for c, _ in cells], seeds=seeds,
-        runs=runs, command=command, attention=attention, jaccard=jaccard, heads=heads, options=common, runs_dir=runs_dir, output=output,
+        name=name, title=spec.get("title", name), description=spec.get("description", "").strip(),
+        recipe=str(recipe.resolve()), methods=list(methods), baseline=baseline, cells=[c for c, _ in cells],
+        seeds=seeds, runs=runs, command=command, attention=attention, jaccard=jaccard, heads=heads,
+        options={**common, **forced}, runs_dir=runs_dir, output=output,
     )
