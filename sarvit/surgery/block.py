@@ -23,12 +23,13 @@ DistributedDataParallel does not wait for their gradients.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from types import MethodType
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["BlockLayout", "LAYOUTS", "resolve_layout", "SARBlock", "SIMILARITIES", "similarity_from_qk",
+__all__ = ["install", "uninstall", "BlockLayout", "LAYOUTS", "resolve_layout", "SARBlock", "SIMILARITIES", "similarity_from_qk",
            "attention_with_similarity"]
 
 
@@ -202,3 +203,18 @@ class SARBlock(nn.Module):
 
     def extra_repr(self) -> str:
         return f"layout={self.layout}, num_prefix_tokens={self.num_prefix_tokens}, query={self.query!r}"
+
+
+def install(model: nn.Module, blocks, wrapper: SARBlock, forward) -> nn.Module:
+    """Put ``wrapper`` in the place of ``blocks[-1]`` and give ``model`` its family's
+    ``forward_with_similarity`` (``forward(model, x, similarity, tokens)``); returns ``model``."""
+    blocks[-1] = wrapper
+    model.forward_with_similarity = MethodType(forward, model)
+    return model
+
+
+def uninstall(model: nn.Module, blocks) -> nn.Module:
+    """Undo :func:`install`: the original block back in ``blocks[-1]`` (same weights)."""
+    blocks[-1] = blocks[-1].restore()
+    del model.forward_with_similarity
+    return model

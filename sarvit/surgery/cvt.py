@@ -9,13 +9,12 @@ skips the convolutions), or the mean of the patch queries for a CvT without clas
 
 from __future__ import annotations
 
-from types import MethodType
 
 import torch
 from torch import nn
 
 from ..errors import ConfigError, UnsupportedModel
-from .block import BlockLayout, SARBlock, similarity_from_qk
+from .block import BlockLayout, SARBlock, similarity_from_qk, install, uninstall
 
 __all__ = ["matches", "attach", "detach", "CvTSARBlock"]
 
@@ -65,16 +64,12 @@ def attach(model: nn.Module, layout: BlockLayout, query: str) -> nn.Module:
     if query == "auto":
         query = "cls" if stage.cls_token is not None else "mean"
     _check(model, query)
-    stage.blocks[-1] = CvTSARBlock(stage.blocks[-1], layout, stage.num_prefix_tokens, query)
-    model.forward_with_similarity = MethodType(forward_with_similarity, model)
-    return model
+    wrapper = CvTSARBlock(stage.blocks[-1], layout, stage.num_prefix_tokens, query)
+    return install(model, stage.blocks, wrapper, forward_with_similarity)
 
 
 def detach(model: nn.Module) -> nn.Module:
-    stage = model.stages[-1]
-    stage.blocks[-1] = stage.blocks[-1].restore()
-    del model.forward_with_similarity
-    return model
+    return uninstall(model, model.stages[-1].blocks)
 
 
 def forward_with_similarity(self: nn.Module, x: torch.Tensor, similarity: str | None = "dot",

@@ -10,14 +10,13 @@ use spatial-reduction attention, whose keys may lie on a coarser grid than the q
 
 from __future__ import annotations
 
-from types import MethodType
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ..errors import UnsupportedModel
-from .block import BlockLayout, SARBlock, similarity_from_qk
+from .block import BlockLayout, SARBlock, similarity_from_qk, install, uninstall
 
 __all__ = ["matches", "attach", "detach", "sr_attention_with_similarity", "GridSARBlock"]
 
@@ -129,16 +128,12 @@ def attach(model: nn.Module, layout: BlockLayout, query: str) -> nn.Module:
     query = "cls" if query == "auto" else query  # PVT v1's last stage has the class token
     _check(model)
     stage = model.stages[-1]
-    stage.blocks[-1] = GridSARBlock(stage.blocks[-1], layout, stage.num_prefix_tokens, query)
-    model.forward_with_similarity = MethodType(forward_with_similarity, model)
-    return model
+    wrapper = GridSARBlock(stage.blocks[-1], layout, stage.num_prefix_tokens, query)
+    return install(model, stage.blocks, wrapper, forward_with_similarity)
 
 
 def detach(model: nn.Module) -> nn.Module:
-    stage = model.stages[-1]
-    stage.blocks[-1] = stage.blocks[-1].restore()
-    del model.forward_with_similarity
-    return model
+    return uninstall(model, model.stages[-1].blocks)
 
 
 def forward_with_similarity(self: nn.Module, x: torch.Tensor, similarity: str | None = "dot",

@@ -10,13 +10,12 @@ Eq. 10-11 rewire that block; its MLP keeps its depthwise convolution over the to
 
 from __future__ import annotations
 
-from types import MethodType
 
 import torch
 from torch import nn
 
 from ..errors import ConfigError, UnsupportedModel
-from .block import BlockLayout, SARBlock
+from .block import BlockLayout, SARBlock, install, uninstall
 from .pvt import GridSARBlock, run_last_block
 
 __all__ = ["matches", "attach", "detach"]
@@ -55,16 +54,12 @@ def attach(model: nn.Module, layout: BlockLayout, query: str) -> nn.Module:
     query = "mean" if query == "auto" else query
     _check(model, query)
     stage = model.stages[-1]
-    stage.blocks[-1] = PVTv2SARBlock(stage.blocks[-1], layout, 0, query)
-    model.forward_with_similarity = MethodType(forward_with_similarity, model)
-    return model
+    wrapper = PVTv2SARBlock(stage.blocks[-1], layout, 0, query)
+    return install(model, stage.blocks, wrapper, forward_with_similarity)
 
 
 def detach(model: nn.Module) -> nn.Module:
-    stage = model.stages[-1]
-    stage.blocks[-1] = stage.blocks[-1].restore()
-    del model.forward_with_similarity
-    return model
+    return uninstall(model, model.stages[-1].blocks)
 
 
 def forward_with_similarity(self: nn.Module, x: torch.Tensor, similarity: str | None = "dot",

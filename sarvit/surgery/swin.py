@@ -18,14 +18,13 @@ keeps its bias, and the bias table trains through the cross-entropy term as usua
 
 from __future__ import annotations
 
-from types import MethodType
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ..errors import ConfigError, UnsupportedModel
-from .block import BlockLayout, SARBlock, similarity_from_qk
+from .block import BlockLayout, SARBlock, similarity_from_qk, install, uninstall
 
 __all__ = ["matches", "attach", "detach", "window_attention_with_similarity", "SwinSARBlock"]
 
@@ -139,16 +138,11 @@ def attach(model: nn.Module, layout: BlockLayout, query: str) -> nn.Module:
     query = "mean" if query == "auto" else query
     _check(model, query)
     blocks = model.layers[-1].blocks
-    blocks[-1] = SwinSARBlock(blocks[-1], layout, query)
-    model.forward_with_similarity = MethodType(forward_with_similarity, model)
-    return model
+    return install(model, blocks, SwinSARBlock(blocks[-1], layout, query), forward_with_similarity)
 
 
 def detach(model: nn.Module) -> nn.Module:
-    blocks = model.layers[-1].blocks
-    blocks[-1] = blocks[-1].restore()
-    del model.forward_with_similarity
-    return model
+    return uninstall(model, model.layers[-1].blocks)
 
 
 def forward_with_similarity(self: nn.Module, x: torch.Tensor, similarity: str | None = "dot",

@@ -13,14 +13,13 @@ own in-projection (``in_proj_weight``/``in_proj_bias`` split into q, k, v; scale
 from __future__ import annotations
 
 import sys
-from types import MethodType
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ..errors import UnsupportedModel
-from .block import BlockLayout, SARBlock, similarity_from_qk
+from .block import BlockLayout, SARBlock, similarity_from_qk, install, uninstall
 
 __all__ = ["matches", "attach", "detach", "mha_with_similarity", "EncoderSARBlock"]
 
@@ -98,16 +97,12 @@ def attach(model: nn.Module, layout: BlockLayout, query: str) -> nn.Module:
     query = "cls" if query == "auto" else query  # torchvision's ViT always has a class token
     _check(model)
     layers = model.encoder.layers
-    layers[-1] = EncoderSARBlock(layers[-1], layout, query)  # keeps the name encoder_layer_{L-1}
-    model.forward_with_similarity = MethodType(forward_with_similarity, model)
-    return model
+    wrapper = EncoderSARBlock(layers[-1], layout, query)  # keeps the name encoder_layer_{L-1}
+    return install(model, layers, wrapper, forward_with_similarity)
 
 
 def detach(model: nn.Module) -> nn.Module:
-    layers = model.encoder.layers
-    layers[-1] = layers[-1].restore()
-    del model.forward_with_similarity
-    return model
+    return uninstall(model, model.encoder.layers)
 
 
 def forward_with_similarity(self: nn.Module, x: torch.Tensor, similarity: str | None = "dot",

@@ -3,13 +3,12 @@ registers, LayerScale, ``dynamic_img_size``)."""
 
 from __future__ import annotations
 
-from types import MethodType
 
 import torch
 from torch import nn
 
 from ..errors import ConfigError, UnsupportedModel
-from .block import BlockLayout, SARBlock
+from .block import BlockLayout, SARBlock, install, uninstall
 
 __all__ = ["matches", "attach", "detach"]
 
@@ -54,15 +53,12 @@ def attach(model: nn.Module, layout: BlockLayout, query: str) -> nn.Module:
     if query == "auto":
         query = "cls" if getattr(model, "cls_token", None) is not None else "mean"
     _check(model, query)
-    model.blocks[-1] = SARBlock(model.blocks[-1], layout, model.num_prefix_tokens, query)
-    model.forward_with_similarity = MethodType(forward_with_similarity, model)
-    return model
+    wrapper = SARBlock(model.blocks[-1], layout, model.num_prefix_tokens, query)
+    return install(model, model.blocks, wrapper, forward_with_similarity)
 
 
 def detach(model: nn.Module) -> nn.Module:
-    model.blocks[-1] = model.blocks[-1].restore()
-    del model.forward_with_similarity
-    return model
+    return uninstall(model, model.blocks)
 
 
 def forward_with_similarity(self: nn.Module, x: torch.Tensor, similarity: str | None = "dot",
