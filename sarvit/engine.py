@@ -1,4 +1,4 @@
-"""One training epoch and one evaluation pass.
+"""One training epoch of any task, the supervised step, and one evaluation pass.
 
 The hot loop keeps the device busy: the loss terms are summed on the device and read
 back only every ``log_interval`` steps and at the end of the epoch; the only other host
@@ -12,7 +12,7 @@ import time
 from contextlib import nullcontext
 import sys
 from dataclasses import dataclass
-from typing import Callable
+from typing import Any, Callable, Protocol
 
 import torch
 from torch import nn
@@ -23,7 +23,8 @@ from .distributed import Dist, all_reduce_sum
 from .entropy import spatial_entropy
 from .errors import ConfigError
 
-__all__ = ["TrainForward", "LoopState", "train_one_epoch", "evaluate", "autocast", "resolve_amp"]
+__all__ = ["TrainForward", "LoopState", "Tally", "Step", "SupervisedStep", "train_one_epoch", "evaluate", "autocast",
+           "resolve_amp"]
 
 
 class TrainForward(nn.Module):
@@ -97,102 +98,167 @@ class LoopState:
     best_epoch: int = -1
 
 
+class Tally:
+    """The loss terms summed over the epoch in progress, on the device (no host sync per step).
+
+    ``reset(saved)`` continues the sums a checkpoint saved, so that an epoch resumed in the
+    middle logs the mean over all its steps, not only those after the resume.
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.reset()
+
+    def reset(self, saved: dict[str, Any] | None = None) -> None:
+        saved = saved or {}
+        self.sums = {k: torch.tensor(v, dtype=torch.float32, device=self.device)
+                     for k, v in saved.get("sums", {}).items()}
+        self.steps = saved.get("steps", 0)
+        self.seconds = saved.get("seconds", 0.0)  # of the epoch, in the sessions before this one
+
+    def add(self, terms: dict[str, torch.Tensor]) -> None:
+        for k, v in terms.items():
+            self.sums[k] = self.sums.get(k, 0.0) + v.detach().float()
+        self.steps += 1
+
+    def means(self) -> dict[str, float]:
+        """``train_<term>``: the epoch's mean of every term (one host sync per term)."""
+        return {f"train_{k}": (v / max(self.steps, 1)).item() for k, v in self.sums.items()}
+
+    def state(self, session_seconds: float) -> dict[str, Any]:
+        return {"sums": {k: v.item() for k, v in self.sums.items()}, "steps": self.steps,
+                "seconds": self.seconds + session_seconds}
+
+
+class Step(Protocol):
+    """What a task does in one training step, around the optimizer step the loop owns."""
+
+    def terms(self, net: nn.Module, batch: Any, progress: float) -> dict[str, torch.Tensor]:
+        """Forward ``batch`` through ``net`` (the module DDP wraps) and return the named loss terms,
+        ``"loss"`` being the one to minimise; ``progress`` is the fractional epoch."""
+
+    def before_optimizer_step(self, progress: float) -> None:
+        """After the backward pass and gradient clipping (e.g. DINO's frozen last layer)."""
+
+    def after_optimizer_step(self, global_step: int, progress: float) -> None:
+        """After the optimizer step (EMA, momentum encoders)."""
+
+    def logged(self) -> dict[str, float]:
+        """Values of the last step worth a column in metrics.jsonl (``lambda``, a temperature)."""
+
+    def batch_size(self, batch: Any) -> int:
+        """The number of images in ``batch`` on this process."""
+
+
 def train_one_epoch(
     *,
     net: nn.Module,
+    step: Step,
     optimizer: torch.optim.Optimizer,
     scheduler,
     loader,
-    objective: nn.Module,
     state: LoopState,
     steps_per_epoch: int,
     dist: Dist,
-    amp: str,
-    needs=None,
-    lambda_fn: Callable[[float], float],
-    mixup=None,
+    tally: Tally | None = None,
     scaler=None,
-    ema=None,
     clip_grad: float | None = None,
     log_interval: int = 20,
     on_step: Callable[[], None] | None = None,
 ) -> dict[str, float]:
     """Train from ``state.step_in_epoch`` to the end of ``state.epoch``.
 
-    ``needs`` says which model outputs the objective reads (``None``: the plain forward);
-    ``lambda_fn`` gives the weight of the auxiliary term at a fractional epoch. ``on_step``
-    runs after every optimizer step (the checkpoint hook). Returns the epoch's mean loss
-    terms, the last learning rate and lambda, and images per second.
+    The loop owns the optimizer step (gradient scaling for fp16, clipping, the schedule's
+    per-step update); ``step`` owns the forward, the loss terms and what happens around the
+    optimizer step. ``on_step`` runs after every optimizer step (the checkpoint hook).
+    Returns the epoch's mean loss terms (``tally``'s, which may continue a resumed epoch),
+    the last learning rate, ``step.logged()`` and images per second of this session.
     """
     from timm.utils import dispatch_clip_grad
 
     net.train()
-    device = dist.device
+    tally = tally if tally is not None else Tally(dist.device)
     params = [p for g in optimizer.param_groups for p in g["params"]]  # for gradient clipping
-    sums: dict[str, torch.Tensor] = {}
     steps = 0
     images = 0
-    lam = 0.0
     start = time.perf_counter()
     bar = tqdm(
         loader, total=steps_per_epoch - state.step_in_epoch, initial=0, disable=not _show_progress(dist),
         desc=f"epoch {state.epoch + 1}", leave=False, dynamic_ncols=True,
     )
-    for x, y in bar:
-        x = x.to(device, non_blocking=True)
-        y = y.to(device, non_blocking=True)
-        if mixup is not None:
-            x, y = mixup(x, y)
-        lam = lambda_fn(state.epoch + state.step_in_epoch / steps_per_epoch)
-        with autocast(device, amp):
-            logits, outputs = net(x, needs)
-        terms = objective(logits, y, outputs, lam)
+    for batch in bar:
+        progress = state.epoch + state.step_in_epoch / steps_per_epoch
+        terms = step.terms(net, batch, progress)
         optimizer.zero_grad(set_to_none=True)
         if scaler is not None:
             scaler.scale(terms["loss"]).backward()
             if clip_grad:
                 scaler.unscale_(optimizer)
                 dispatch_clip_grad(params, clip_grad)
+            step.before_optimizer_step(progress)
             scaler.step(optimizer)
             scaler.update()
         else:
             terms["loss"].backward()
             if clip_grad:
                 dispatch_clip_grad(params, clip_grad)
+            step.before_optimizer_step(progress)
             optimizer.step()
         state.step_in_epoch += 1
         state.global_step += 1
-        if ema is not None:  # timm counts the updates from 1: the first one copies the weights
-            ema.update(_unwrap(net), step=state.global_step)
+        step.after_optimizer_step(state.global_step, progress)
         scheduler.step_update(num_updates=state.global_step)
-        for k, v in terms.items():
-            sums[k] = sums.get(k, 0.0) + v.detach().float()
+        tally.add(terms)
         steps += 1
-        images += x.shape[0] * dist.world
+        images += step.batch_size(batch) * dist.world
         if dist.main and (steps % log_interval == 0 or state.step_in_epoch == steps_per_epoch):
-            means = {k: (v / steps).item() for k, v in sums.items()}
             bar.set_postfix(
-                **{k: f"{v:.4f}" for k, v in means.items()},
+                **{k.removeprefix("train_"): f"{v:.4f}" for k, v in tally.means().items()},
                 lr=f"{optimizer.param_groups[0]['lr']:.2e}", img_s=f"{images / (time.perf_counter() - start):.0f}",
             )
         if on_step is not None:
             on_step()
     bar.close()
     elapsed = time.perf_counter() - start
-    out = {f"train_{k}": (v / max(steps, 1)).item() for k, v in sums.items()}
-    out.update(lr=optimizer.param_groups[0]["lr"], **{"lambda": lam}, images_per_sec=images / max(elapsed, 1e-9))
-    return out
+    return {**tally.means(), "lr": optimizer.param_groups[0]["lr"], **step.logged(),
+            "images_per_sec": images / max(elapsed, 1e-9)}
 
 
-def _unwrap(net: nn.Module) -> nn.Module:
-    """The user's model inside TrainForward / DDP / torch.compile wrappers."""
-    while True:
-        if isinstance(net, TrainForward):
-            return net.model
-        inner = getattr(net, "module", None) or getattr(net, "_orig_mod", None)
-        if inner is None:
-            return net
-        net = inner
+class SupervisedStep:
+    """A step of supervised classification: Mixup/CutMix, the model's forward (with the outputs
+    ``needs`` asks for), the objective's terms at the scheduled weight, and the EMA update."""
+
+    def __init__(self, objective: nn.Module, lambda_fn: Callable[[float], float], device: torch.device,
+                 amp: str = "none", *, needs=None, mixup=None, ema=None, model: nn.Module | None = None) -> None:
+        if ema is not None and model is None:
+            raise ValueError("an EMA needs the model it averages")
+        self.objective, self.lambda_fn, self.device, self.amp = objective, lambda_fn, device, amp
+        self.needs, self.mixup, self.ema, self.model = needs, mixup, ema, model
+        self.lam = 0.0
+
+    def terms(self, net: nn.Module, batch, progress: float) -> dict[str, torch.Tensor]:
+        x, y = batch
+        x = x.to(self.device, non_blocking=True)
+        y = y.to(self.device, non_blocking=True)
+        if self.mixup is not None:
+            x, y = self.mixup(x, y)
+        self.lam = self.lambda_fn(progress)
+        with autocast(self.device, self.amp):
+            logits, outputs = net(x, self.needs)
+        return self.objective(logits, y, outputs, self.lam)
+
+    def before_optimizer_step(self, progress: float) -> None:
+        pass
+
+    def after_optimizer_step(self, global_step: int, progress: float) -> None:
+        if self.ema is not None:  # timm counts the updates from 1: the first one copies the weights
+            self.ema.update(self.model, step=global_step)
+
+    def logged(self) -> dict[str, float]:
+        return {"lambda": self.lam}
+
+    def batch_size(self, batch) -> int:
+        return int(batch[0].shape[0])
 
 
 @torch.no_grad()

@@ -4,7 +4,7 @@ from torch import nn
 
 from sarvit.config import ConfigError
 from sarvit.distributed import Dist
-from sarvit.engine import LoopState, TrainForward, autocast, resolve_amp, train_one_epoch
+from sarvit.engine import LoopState, SupervisedStep, TrainForward, autocast, resolve_amp, train_one_epoch
 
 CPU = torch.device("cpu")
 CUDA = torch.device("cuda", 0)  # a device object only: nothing runs on it
@@ -105,9 +105,9 @@ def test_train_one_epoch_equals_a_hand_written_sgd_loop(clip, start):
     state = LoopState(epoch=epoch, step_in_epoch=step_in_epoch, global_step=global_step)
     hooks = []
     out = train_one_epoch(
-        net=TrainForward(model), optimizer=optimizer, scheduler=scheduler, loader=batches, objective=objective,
-        state=state, steps_per_epoch=steps_per_epoch, dist=Dist(0, 1, 0, CPU), amp="none",
-        lambda_fn=lambda e: 0.2 * e, ema=ema, clip_grad=clip, log_interval=1,
+        net=TrainForward(model), optimizer=optimizer, scheduler=scheduler, loader=batches,
+        step=SupervisedStep(objective, lambda e: 0.2 * e, CPU, ema=ema, model=model),
+        state=state, steps_per_epoch=steps_per_epoch, dist=Dist(0, 1, 0, CPU), clip_grad=clip, log_interval=1,
         on_step=lambda: hooks.append(state.global_step),
     )
     # lambda at the fractional epoch: epoch + steps already taken in it / steps per epoch
