@@ -12,6 +12,10 @@ Any model ``sarvit.create_model`` builds: timm names (``vit_small_patch16_224``,
 ``swin_tiny_patch4_window7_224``, ``pvt_v2_b0``), the architectures sarvit adds to timm
 (``cvt_13``, ``t2t_vit_14``, ``pvt_small``) and torchvision's (``torchvision:vit_b_16``).
 
+Without ``--model`` it measures one model of every family side by side (``FAMILIES``):
+ViT-S/16, T2T-ViT-14, PVT-Small, CvT-13, Swin-T, PVT v2-b0 and torchvision's ViT-B/16
+(torchvision's builders fix the architecture: ``vit_b_16`` is its smallest ViT).
+
     python benchmarks/step_overhead.py [--model vit_small_patch16_224,swin_tiny_patch4_window7_224]
         [--img-size 224] [--batch 64] [--device cuda] [--amp]
 """
@@ -31,11 +35,15 @@ import sarvit.models  # noqa: F401  (registers cvt_13, t2t_vit_14, pvt_small, ..
 from sarvit.errors import ConfigError
 
 NUM_CLASSES = 100
+# one model of every family sarvit.attach supports, in the order of sarvit.surgery.FAMILIES
+FAMILIES = ("vit_small_patch16_224", "t2t_vit_14", "pvt_small", "pvt_v2_b0", "cvt_13", "swin_tiny_patch4_window7_224",
+            "torchvision:vit_b_16")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="vit_small_patch16_224", help="one name, or several separated by commas")
+    parser.add_argument("--model", default=",".join(FAMILIES),
+                        help="one name, or several separated by commas (default: one model of every family)")
     parser.add_argument("--img-size", type=int, default=224)
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--steps", type=int, default=5, help="timed steps per side")

@@ -15,7 +15,8 @@ attached) models and an input, and checks what does not depend on the family:
 - state dicts load strictly both ways between plain and attached models (same keys, same
   order), with equal outputs;
 - ``detach`` gives back the plain model's modules and forward, with the current weights;
-- optionally, ``torch.compile`` of ``forward_with_similarity`` gives the same result.
+- optionally, ``torch.compile`` of the attached model and of ``forward_with_similarity`` gives
+  the same result (:func:`check_compile`).
 
 Families test the numbers only they can (``S`` and the rewired block written out from
 the block's own weights) in their own modules.
@@ -56,7 +57,7 @@ def check_contract(
             ``num_classes`` outputs and no dropout.
         x: ``(B, 3, H, W)`` input, ``B >= 2``.
         num_classes: the model's number of classes.
-        compile: also run ``torch.compile(model.forward_with_similarity)`` (slow).
+        compile: also run :func:`check_compile` (slow).
         grid: the ``(h, w)`` key grid the family should report for ``x``, when known.
         heads: the number of heads of the last block, when known.
         frozen: the exact names of the parameters layout C must freeze, when known.
@@ -206,9 +207,11 @@ def _check_detach(make_model, plain: nn.Module, x: torch.Tensor) -> None:
 
 
 def check_compile(make_model: Callable[[], nn.Module], x: torch.Tensor) -> None:
-    """``torch.compile(model.forward_with_similarity)`` gives the eager logits and ``S``."""
+    """``torch.compile`` of the attached model (its ``forward``) and of its ``forward_with_similarity``
+    give the eager logits and ``S``."""
     model = _attached(_perturbed(make_model().eval()))
     logits, S = model.forward_with_similarity(x)
+    torch.testing.assert_close(torch.compile(model)(x), model(x), rtol=1e-4, atol=1e-4)
     logits_c, S_c = torch.compile(model.forward_with_similarity)(x)
     torch.testing.assert_close(logits_c, logits, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(S_c, S, rtol=1e-4, atol=1e-4)

@@ -112,14 +112,14 @@ def test_checkpoint_loads_resampled_to_another_size(tmp_path):
     model = tiny()
     run = save_run(tmp_path / "my-run", model)
     loaded = load_analysis_model(run, img_size=64)
-    assert loaded.name == "my-run" and loaded.img_size == 64 and loaded.patch_size == 8
+    assert loaded.name == "my-run" and loaded.img_size == 64 and loaded.stride == 8
     maps = attention_maps(loaded.model, torch.randn(1, 3, 64, 64))
     assert maps.attn.shape == (1, 3, 8, 8)
     # resampling keeps the weights: back at 32 the maps equal the original model's
     back = load_analysis_model(run, img_size=32).model
     x = torch.randn(1, 3, 32, 32)
     torch.testing.assert_close(attention_maps(back, x).attn, attention_maps(model, x).attn)
-    with pytest.raises(UserError, match="multiple of the patch size 8; use 32 or 40"):
+    with pytest.raises(UserError, match="--img-size 36: .*multiple of the patch size 8x8.*use 32 or 40"):
         load_analysis_model(run, img_size=36)
 
 
@@ -214,7 +214,7 @@ def test_plain_timm_weights_load_at_another_size(tmp_path):
     path = tmp_path / "vit.safetensors"
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
     loaded = load_analysis_model(path, img_size=64, model_name="vit_tiny_patch16_224")
-    assert loaded.name == "vit" and loaded.patch_size == 16
+    assert loaded.name == "vit" and loaded.stride == 16
     x = torch.randn(1, 3, 64, 64)
     torch.testing.assert_close(attention_maps(loaded.model, x).attn,
                                reference_cls_attention(model, x).reshape(1, 3, 4, 4), rtol=1e-5, atol=1e-6)

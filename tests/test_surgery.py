@@ -235,19 +235,6 @@ def test_grad_checkpointing_gives_the_same_result():
     torch.testing.assert_close(S_ckpt, S)
 
 
-@pytest.mark.slow
-def test_torch_compile():
-    model = sarvit.attach(make()).eval()
-    x = torch.randn(2, 3, 32, 32)
-    logits, S = model.forward_with_similarity(x)
-    compiled = torch.compile(model)
-    torch.testing.assert_close(compiled(x), model(x), rtol=1e-4, atol=1e-4)
-    compiled_fws = torch.compile(model.forward_with_similarity)
-    logits_c, S_c = compiled_fws(x)
-    torch.testing.assert_close(logits_c, logits, rtol=1e-4, atol=1e-4)
-    torch.testing.assert_close(S_c, S, rtol=1e-4, atol=1e-4)
-
-
 @pytest.mark.parametrize("kind", ["vit", "registers_no_cls"])
 def test_softmax_and_cosine_maps_equal_the_equations_written_out(kind):
     model = make(kind).eval()

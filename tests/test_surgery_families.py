@@ -80,9 +80,29 @@ def test_torchvision_vit_keeps_the_family_contract():
                    frozen={"encoder.layers.encoder_layer_1.ln_2.weight", "encoder.layers.encoder_layer_1.ln_2.bias"})
 
 
+def _compile_cases():
+    """Family -> (tiny plain model, input), as small as the family allows: compiling is slow
+    (its time grows with the number of operations, not with the tensors)."""
+    from tests.test_models_cvt import make as make_cvt
+    from tests.test_models_pvt import make_v1, make_v2
+    from tests.test_models_t2t import tiny as make_t2t
+
+    return {
+        "timm_vit": (lambda: make_timm_vit(depth=1), 32),
+        "t2t": (lambda: make_t2t(depth=1, img_size=32), 32),
+        "pvt_v1": (lambda: make_v1(depths=(1, 1)), 32),
+        "pvt_v2": (lambda: make_v2(depths=(1, 1)), 32),
+        "cvt": (lambda: make_cvt(depths=(1, 1, 1)), 32),
+        "swin": (lambda: make_swin(depths=(1, 1)), 32),
+        "torchvision_vit": (lambda: make_torchvision_vit(num_layers=1), 32),
+    }
+
+
 @pytest.mark.slow
-def test_swin_compiles():  # the family with its own window attention; torchvision's ViT is timm's ViT here
-    check_compile(make_swin, torch.randn(2, 3, 32, 32))
+@pytest.mark.parametrize("family", ["timm_vit", "t2t", "pvt_v1", "pvt_v2", "cvt", "swin", "torchvision_vit"])
+def test_family_compiles(family):
+    make, size = _compile_cases()[family]
+    check_compile(make, torch.randn(2, 3, size, size))
 
 
 # --- Swin -----------------------------------------------------------------------------------------------------------
@@ -296,3 +316,8 @@ def test_swin_recipe_follows_the_swin_paper():
     assert (cfg.opt, cfg.weight_decay, cfg.sched, cfg.warmup_epochs) == ("adamw", 0.05, "cosine", 20)
     assert (cfg.drop_path, cfg.clip_grad) == (0.2, 5.0)
     assert (cfg.mixup, cfg.cutmix, cfg.smoothing, cfg.reprob) == (0.8, 1.0, 0.1, 0.25)  # DeiT's augmentations
+
+
+def test_every_family_has_a_compile_case():
+    families = [sarvit.surgery.family_of(make()) for make, _ in _compile_cases().values()]
+    assert sorted(f.NAME for f in families) == sorted(f.NAME for f in sarvit.surgery.FAMILIES)

@@ -1,8 +1,9 @@
-"""What SAR does to the last block's attention: maps, masks, Jaccard scores, figures and curves.
+"""What SAR does to the last block's attention, for every model family: maps, masks, Jaccard
+scores, figures and curves.
 
     maps = sarvit.analysis.attention_maps(model, images)   # .attn, .S: (B, heads, h, w)
     keep = maps.mass_mask(0.6)                              # DINO's 60%-mass rule
-    score = sarvit.analysis.jaccard(maps.attn[0], mask, patch_size=16)
+    score = sarvit.analysis.jaccard(maps.attn[0], mask, stride=maps.stride)
 
 Modules: ``maps`` (arrays from a model), ``scoring`` (pure Jaccard functions),
 ``protocol`` (Table 11 over a dataset), ``models`` (loading weights at any size),

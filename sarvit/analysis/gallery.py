@@ -98,5 +98,6 @@ def attention_figure(
             components=maps.components.cpu().numpy(), entropy=maps.entropy.cpu().numpy(), mass_fraction=mass,
         ))
     plot_attention_figure(shown, groups, output, captions, title=f"Last block at {size}x{size}, per head: "
-                          f"[CLS] attention (post-softmax), its {mass:.0%}-mass mask and components of ReLU(S - mean)")
+                          f"[CLS] (or mean-query) attention (post-softmax), its {mass:.0%}-mass mask and components "
+                          "of ReLU(S - mean)")
     return Path(output)

@@ -1,20 +1,26 @@
-"""The last block's [CLS] attention of a ViT, as arrays: ``attention_maps(model, images)``.
+"""The last block's attention of a model of any SAR family, as arrays: ``attention_maps(model, images)``.
 
-Two maps per head, both over the ``h x w`` patch grid:
+Two maps per head, both over the ``h x w`` key grid of the last block of the last stage
+(the patch grid of a ViT or T2T-ViT, 14x14 at 224; the last stage's grid for PVT v1/v2,
+Swin, 7x7 at 224; CvT's stride-2 key grid, 7x7 at 224):
 
-- ``attn``: the post-softmax attention of the [CLS] query, as DINO's
-  ``get_last_selfattention(x)[:, :, 0, 1:]`` gives it: the softmax is taken over ALL
-  keys (the prefix tokens and the patches), then the prefix columns are dropped. The
-  patch entries of a head therefore sum to ``1 - share of the prefix keys`` (the [CLS]
+- ``attn``: the post-softmax attention of the query, as DINO's
+  ``get_last_selfattention(x)[:, :, 0, 1:]`` gives it for a ViT: the softmax is taken over
+  ALL keys (the prefix keys and the key grid), then the prefix columns are dropped. The
+  grid entries of a head therefore sum to ``1 - share of the prefix keys`` (the [CLS]
   key's own share and, for distilled or register models, the distillation and register
-  tokens' shares), not to 1. This is the map the Jaccard protocol (Table 11) thresholds;
-  prefix tokens never enter the grid and their share is simply left out.
-- ``S``: the pre-softmax similarity of Eq. 4 over the patch keys only, the map the
+  tokens' shares), not to 1. This is the map the Jaccard protocol (Table 11) thresholds.
+  The query is the class token's, or the mean of the patch queries for models without
+  one (Swin, PVT v2, ViT with ``class_token=False``), as the SAR surgery uses; for Swin
+  the logits leave out the relative position bias, as ``S`` does (a mean query has no
+  position to index it with).
+- ``S``: the pre-softmax similarity of Eq. 4 over the key grid only, the map the
   spatial-entropy loss sees; its components are those of ``ReLU(S - mean)`` (Eq. 5-6).
 
 The maps are read with a forward pre-hook on the last block, from the block's own
-``norm1`` and ``attn.qkv`` weights: the model is not modified, so plain timm models
-(no SAR) and SAR models (any Table 1(b) layout) give their maps the same way.
+weights, by the family's ``attention_logits`` (:mod:`sarvit.surgery`, the code that
+computes ``S`` for training): the model is not modified, so plain models (no SAR) and SAR
+models (any Table 1(b) layout) give their maps the same way.
 """
 
 from __future__ import annotations
@@ -26,9 +32,9 @@ from torch import nn
 
 from ..components import connected_components
 from ..entropy import spatial_entropy
-from ..surgery.block import similarity_from_qk
+from ..errors import UserError
 
-__all__ = ["AttentionMaps", "attention_maps", "mass_mask", "similarity_components"]
+__all__ = ["AttentionMaps", "attention_maps", "mass_mask", "similarity_components", "query_of", "key_stride"]
 
 
 def mass_mask(attn: torch.Tensor, fraction: float = 0.6) -> torch.Tensor:
@@ -69,14 +75,15 @@ class AttentionMaps:
     """Per-head maps of the last block for a batch of images.
 
     Attributes:
-        attn: float32 ``(B, heads, h, w)``, post-softmax [CLS] attention over the patches.
+        attn: float32 ``(B, heads, h, w)``, post-softmax attention of the query over the key grid.
         S: float32 ``(B, heads, h, w)``, pre-softmax similarity (Eq. 4).
-        patch_size: pixels per grid cell (the model's patch stride).
+        stride: pixels per key-grid cell, ``image side / grid side`` (the patch size of a
+            ViT; 32 for PVT, CvT and Swin at 224).
     """
 
     attn: torch.Tensor
     S: torch.Tensor
-    patch_size: int
+    stride: int
 
     def mass_mask(self, fraction: float = 0.6) -> torch.Tensor:
         """bool ``(B, heads, h, w)``: each head's entries holding ``fraction`` of its attention."""
@@ -93,71 +100,57 @@ class AttentionMaps:
         return spatial_entropy(self.S)
 
 
-def _query_logits(block: nn.Module, x: torch.Tensor, prefix: int, query: str) -> torch.Tensor:
-    """The query row of the last block's attention logits over all keys.
+def query_of(model: nn.Module) -> str:
+    """The query the SAR surgery uses (or would use): the attached block's, else the class
+    token when the model has one (timm's ``cls_token``, torchvision's ``class_token``), else
+    the mean patch query."""
+    from ..surgery import is_attached, sar_block
 
-    Args:
-        block: a pre-norm block with ``norm1`` and a timm ``Attention`` as ``attn``.
-        x: ``(B, N, C)``, the tokens entering the block.
-
-    Returns:
-        float32 ``(B, heads, N)``: ``<q_query, k_j> * scale`` for every token ``j``.
-    """
-    attn = block.attn
-    B, N, _ = x.shape
-    qkv = attn.qkv(block.norm1(x)).reshape(B, N, 3, attn.num_heads, attn.head_dim)  # (B, N, 3, heads, d)
-    q, k, _ = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, heads, N, d)
-    q, k = attn.q_norm(q), attn.k_norm(k)
-    patches = similarity_from_qk(q, k, attn.scale, prefix, query)  # (B, heads, N - prefix)
-    if prefix == 0:
-        return patches
-    q0 = q[:, :, :1] if query == "cls" else q[:, :, prefix:].mean(dim=2, keepdim=True)  # (B, heads, 1, d)
-    head = (q0.float() * attn.scale) @ k[:, :, :prefix].float().transpose(-2, -1)  # (B, heads, 1, prefix)
-    return torch.cat([head.squeeze(-2), patches], dim=-1)  # (B, heads, N)
+    if is_attached(model):
+        return sar_block(model).query
+    has_cls = getattr(model, "cls_token", None) is not None or getattr(model, "class_token", None) is not None
+    return "cls" if has_cls else "mean"
 
 
-def _query_of(model: nn.Module) -> str:
-    """The query the SAR surgery uses: the class token, or the mean patch query without one."""
-    attached = getattr(model.blocks[-1], "query", None)
-    return attached or ("cls" if getattr(model, "cls_token", None) is not None else "mean")
+def key_stride(image_size: tuple[int, int], grid: tuple[int, int]) -> int:
+    """Pixels per key-grid cell; a :class:`~sarvit.errors.UserError` unless the grid tiles the image exactly."""
+    (H, W), (h, w) = image_size, grid
+    if H % h or W % w or H // h != W // w:
+        raise UserError(f"a {H}x{W} input gives a {h}x{w} key grid, which does not tile it in square cells; use an "
+                        f"input size that is a multiple of {max(1, H // h)} (the key grid's stride)")
+    return H // h
 
 
 @torch.no_grad()
 def attention_maps(model: nn.Module, images: torch.Tensor) -> AttentionMaps:
-    """Maps of the last block of a timm ``VisionTransformer`` (with or without SAR).
+    """Maps of the last block of a model of any SAR family (with or without SAR).
 
     Args:
-        model: a timm ViT/DeiT, SAR-attached or not; its input size must match
-            ``images`` (see ``model.set_input_size``) unless it has ``dynamic_img_size``.
+        model: a model ``sarvit.attach`` supports, SAR-attached or not; its input size must
+            match ``images`` (see :func:`~.models.load_analysis_model`).
         images: ``(B, 3, H, W)``, normalised as the model expects.
 
     Returns:
-        :class:`AttentionMaps` on the images' device. Models without a class token use
-        the mean patch query (as the SAR surgery does) for both maps.
+        :class:`AttentionMaps` on the images' device.
     """
-    from timm.models.vision_transformer import VisionTransformer
+    from ..surgery import family_of
 
-    if not isinstance(model, VisionTransformer):
-        raise TypeError(f"attention maps need a timm VisionTransformer, got {type(model).__name__}")
-    prefix, query = model.num_prefix_tokens, _query_of(model)
-    block = model.blocks[-1]
+    family, query = family_of(model), query_of(model)
     seen = {}
 
     def grab(_module, args):
-        seen["logits"] = _query_logits(block, args[0], prefix, query)  # (B, heads, N)
+        seen["inputs"] = args  # the last block's positional arguments
 
-    handle = block.register_forward_pre_hook(grab)
+    handle = family.last_block(model).register_forward_pre_hook(grab)
     was_training = model.training
     try:
         model.eval()
-        model.forward_features(images)
+        model(images)
     finally:
         handle.remove()
         model.train(was_training)
-    logits = seen["logits"]
-    embed = model.patch_embed
-    dynamic = getattr(embed, "dynamic_img_size", False) or getattr(model, "dynamic_img_size", False)
-    grid = tuple(embed.dynamic_feat_size(tuple(images.shape[-2:]))) if dynamic else tuple(embed.grid_size)
+    logits, prefix, grid = family.attention_logits(model, seen["inputs"], query, tuple(images.shape[-2:]))
+    grid = tuple(grid)
     attn = torch.softmax(logits, dim=-1)[..., prefix:].unflatten(-1, grid)  # (B, heads, h, w)
     S = logits[..., prefix:].unflatten(-1, grid)  # (B, heads, h, w)
-    return AttentionMaps(attn=attn, S=S, patch_size=int(model.patch_embed.patch_size[0]))
+    return AttentionMaps(attn=attn, S=S, stride=key_stride(tuple(images.shape[-2:]), grid))

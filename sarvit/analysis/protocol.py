@@ -3,7 +3,8 @@
 Every image and its mask are resized to ``img_size x img_size`` without a crop (the
 image bilinear and antialiased, torchvision's ``Resize((480, 480))`` of the published
 script; the mask nearest), normalised with the statistics the model was trained with,
-and the model's position embeddings are resampled to that size. The per-image scores
+and the model's position embeddings are resampled to that size. Masks go down to the
+key grid by its stride (image size / key grid side), whatever the model family. The per-image scores
 come from :func:`~.scoring.object_ious`; they go to a CSV file, written atomically.
 """
 
@@ -97,7 +98,7 @@ def score_dataset(
         x = torch.stack([p[0] for p in pairs]).to(device)  # (B, 3, S, S)
         attn = attention_maps(loaded.model, x).attn.cpu()  # (B, heads, h, w)
         for (stem, _, _), (_, mask), a in zip(batch, pairs, attn):
-            scores.append(ImageScore(stem, object_ious(a, mask, loaded.patch_size, mass, void_fix)))
+            scores.append(ImageScore(stem, object_ious(a, mask, loaded.stride, mass, void_fix)))
     return scores
 
 

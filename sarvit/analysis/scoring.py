@@ -3,7 +3,8 @@
 The protocol of the published evaluation (IPViT's, used for SAR's Table 11):
 
 1. per head, keep the patches holding 60% of the attention mass (:func:`~.maps.mass_mask`);
-2. upsample that mask to pixels, nearest, by the patch size;
+2. upsample that mask to pixels, nearest, by the key grid's stride (the patch size of a
+   ViT; image side / grid side in general: 32 for PVT, CvT and Swin at 224);
 3. for every object class present in the image's mask (ids 0, background, and 255,
    void, excluded), the IoU between the class's pixels and each head's mask; keep the
    best head;
@@ -32,13 +33,13 @@ __all__ = ["BACKGROUND", "VOID", "object_ious", "jaccard", "ImageScore", "Jaccar
 BACKGROUND, VOID = 0, 255
 
 
-def object_ious(attn, mask, patch_size: int, mass: float = 0.6, void_fix: bool = False) -> dict[int, float]:
+def object_ious(attn, mask, stride: int, mass: float = 0.6, void_fix: bool = False) -> dict[int, float]:
     """Best IoU over heads for every object class of one image.
 
     Args:
         attn: ``(heads, h, w)`` post-softmax attention of one image (tensor or array).
-        mask: ``(h * patch_size, w * patch_size)`` integer class mask (0 background, 255 void).
-        patch_size: pixels per grid cell.
+        mask: ``(h * stride, w * stride)`` integer class mask (0 background, 255 void).
+        stride: pixels per grid cell (the key grid's stride).
         mass: attention mass each head keeps.
         void_fix: leave void pixels out of intersection and union.
 
@@ -51,13 +52,13 @@ def object_ious(attn, mask, patch_size: int, mass: float = 0.6, void_fix: bool =
     if attn.dim() != 3:
         raise ValueError(f"attn must be (heads, h, w), got shape {tuple(attn.shape)}")
     heads, h, w = attn.shape
-    if mask.shape != (h * patch_size, w * patch_size):
+    if mask.shape != (h * stride, w * stride):
         raise ValueError(
-            f"mask of shape {mask.shape} does not cover a {h}x{w} grid of {patch_size}-pixel patches "
-            f"({h * patch_size}x{w * patch_size}); resize the image and the mask to the model's input size"
+            f"mask of shape {mask.shape} does not cover a {h}x{w} grid of {stride}-pixel cells "
+            f"({h * stride}x{w * stride}); resize the image and the mask to the model's input size"
         )
     keep = mass_mask(attn.cpu(), mass).numpy()  # (heads, h, w)
-    pred = keep.repeat(patch_size, axis=1).repeat(patch_size, axis=2)  # (heads, H, W), nearest upsampling
+    pred = keep.repeat(stride, axis=1).repeat(stride, axis=2)  # (heads, H, W), nearest upsampling
     counted = mask != VOID if void_fix else np.ones(mask.shape, dtype=bool)  # (H, W)
     scores = {}
     for c in np.unique(mask):
@@ -70,11 +71,11 @@ def object_ious(attn, mask, patch_size: int, mass: float = 0.6, void_fix: bool =
     return scores
 
 
-def jaccard(attn, mask, patch_size: int, mass: float = 0.6, void_fix: bool = False) -> float:
+def jaccard(attn, mask, stride: int, mass: float = 0.6, void_fix: bool = False) -> float:
     """The Jaccard score of one image: the mean over its object classes of the best IoU
     over heads (see :func:`object_ious` for the arguments). ``nan`` for an image without
     objects, which the dataset mean leaves out."""
-    scores = object_ious(attn, mask, patch_size, mass, void_fix)
+    scores = object_ious(attn, mask, stride, mass, void_fix)
     return float(np.mean(list(scores.values()))) if scores else math.nan
 
 

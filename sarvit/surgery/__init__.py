@@ -8,8 +8,13 @@ supported family raises :class:`~sarvit.errors.UnsupportedModel` (a ``TypeError`
 naming the supported ones.
 
 A family is a module with ``NAME`` and ``DESCRIPTION`` (what the error messages list),
-``matches(model)``, ``attach(model, layout, query)`` and ``detach(model)``; ``FAMILIES``
-is the registry, in the order families are tried.
+``matches(model)``, ``attach(model, layout, query)``, ``detach(model)``, ``last_block(model)``
+(the block SAR rewires, plain or wrapped) and ``attention_logits(model, inputs, query,
+image_size) -> (logits, P, grid)``: the query's row of the last block's attention logits
+over all its keys, float32 ``(B, heads, P + h*w)`` with the ``P`` prefix keys first, from
+the block's own q/k code and the block's positional ``inputs`` (what analysis reads; it
+works on plain and attached models alike). ``FAMILIES`` is the registry, in the order
+families are tried; :func:`family_of` finds a model's.
 """
 
 from __future__ import annotations
@@ -20,16 +25,22 @@ from ..errors import ConfigError, UnsupportedModel
 from . import cvt, pvt, pvt_v2, swin, t2t, torchvision_vit, vit
 from .block import LAYOUTS, BlockLayout, SARBlock, resolve_layout
 
-__all__ = ["attach", "detach", "is_attached", "check_supported", "supported_families", "FAMILIES",
+__all__ = ["attach", "detach", "is_attached", "check_supported", "supported_families", "family_of", "FAMILIES",
            "BlockLayout", "LAYOUTS", "resolve_layout", "SARBlock", "sar_block"]
 
-# each: NAME, DESCRIPTION, matches(model), attach(model, layout, query), detach(model); tried in this order
+# each: NAME, DESCRIPTION, matches, attach, detach, last_block, attention_logits; tried in this order
 FAMILIES = [vit, t2t, pvt, pvt_v2, cvt, swin, torchvision_vit]
 
 
 def supported_families() -> str:
     """``"timm VisionTransformer (vit_*, deit_*, ...); ..."``: the registry, in words."""
     return "; ".join(f"{f.NAME} ({f.DESCRIPTION})" for f in FAMILIES)
+
+
+def family_of(model: nn.Module):
+    """The family module of ``model`` (one of ``FAMILIES``); raises
+    :class:`~sarvit.errors.UnsupportedModel` naming the supported families."""
+    return _family(model)
 
 
 def _family(model: nn.Module):

@@ -29,8 +29,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["install", "uninstall", "BlockLayout", "LAYOUTS", "resolve_layout", "SARBlock", "SIMILARITIES", "similarity_from_qk",
-           "attention_with_similarity"]
+__all__ = ["install", "uninstall", "BlockLayout", "LAYOUTS", "resolve_layout", "SARBlock", "SIMILARITIES",
+           "similarity_from_qk", "query_vector", "query_logits_from_qk", "timm_qkv", "attention_with_similarity",
+           "timm_attention_logits", "auto_query", "last_block_with_similarity"]
 
 
 @dataclass(frozen=True)
@@ -93,12 +94,7 @@ def similarity_from_qk(
     if similarity not in SIMILARITIES:
         raise ValueError(f"similarity must be one of {', '.join(SIMILARITIES)}, got {similarity!r}")
     keys = k[:, :, num_prefix_tokens:]  # (B, heads, n, d)
-    if query == "cls":
-        q0 = q[:, :, :1]  # (B, heads, 1, d)
-    elif query == "mean":
-        q0 = q[:, :, num_prefix_tokens:].mean(dim=2, keepdim=True)  # (B, heads, 1, d)
-    else:
-        raise ValueError(f"query must be 'cls' or 'mean', got {query!r}")
+    q0 = query_vector(q, num_prefix_tokens, query)  # (B, heads, 1, d)
     with torch.autocast(device_type=q.device.type, enabled=False):
         if similarity == "cosine":  # Eq. 15
             unit_keys = F.normalize(keys.float(), dim=-1)  # (B, heads, n, d)
@@ -108,6 +104,60 @@ def similarity_from_qk(
             if similarity == "softmax":
                 S = S.softmax(dim=-1)
     return S.squeeze(-2)
+
+
+def query_vector(q: torch.Tensor, num_prefix_tokens: int, query: str) -> torch.Tensor:
+    """The query of Eq. 4: ``(B, heads, N, d) -> (B, heads, 1, d)``, the class token's (token 0,
+    ``"cls"``) or the mean of the patch queries (``"mean"``, tokens after the prefix)."""
+    if query == "cls":
+        return q[:, :, :1]  # (B, heads, 1, d)
+    if query == "mean":
+        return q[:, :, num_prefix_tokens:].mean(dim=2, keepdim=True)  # (B, heads, 1, d)
+    raise ValueError(f"query must be 'cls' or 'mean', got {query!r}")
+
+
+def query_logits_from_qk(q: torch.Tensor, k: torch.Tensor, scale: float, num_prefix_tokens: int,
+                         query: str) -> torch.Tensor:
+    """The query's row of the attention logits over ALL keys, prefix keys included.
+
+    Args:
+        q: ``(B, heads, N, d)``, the block's queries; k: ``(B, heads, N_k, d)``, its keys
+            (the prefix keys first, then the key grid).
+        scale: the factor the block scales its logits with.
+
+    Returns:
+        float32 ``(B, heads, N_k)``: ``<q_query, k_j> * scale``. Its softmax is the query's
+        post-softmax attention (for blocks without an additive bias); its columns after the
+        prefix are the ``"dot"`` map of :func:`similarity_from_qk`.
+    """
+    q0 = query_vector(q, num_prefix_tokens, query)  # (B, heads, 1, d)
+    with torch.autocast(device_type=q.device.type, enabled=False):
+        logits = (q0.float() * scale) @ k.float().transpose(-2, -1)  # (B, heads, 1, N_k)
+    return logits.squeeze(-2)
+
+
+def timm_qkv(attn: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The queries, keys and values of a timm ``Attention`` (q/k norm applied): ``(B, N, C)`` ->
+    three ``(B, heads, N, d)``."""
+    B, N, _ = x.shape
+    qkv = attn.qkv(x).reshape(B, N, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)  # (3, B, heads, N, d)
+    q, k, v = qkv.unbind(0)
+    return attn.q_norm(q), attn.k_norm(k), v
+
+
+def timm_attention_logits(block: nn.Module, x: torch.Tensor, num_prefix_tokens: int, query: str) -> torch.Tensor:
+    """The query's attention logits over all keys of a pre-norm block with a timm ``Attention``
+    (plain or SAR-wrapped): ``x`` ``(B, N, C)``, the tokens entering the block -> float32
+    ``(B, heads, N)``; see :func:`query_logits_from_qk`."""
+    q, k, _ = timm_qkv(block.attn, block.norm1(x))  # (B, heads, N, d) each
+    return query_logits_from_qk(q, k, block.attn.scale, num_prefix_tokens, query)
+
+
+def auto_query(model: nn.Module, query: str) -> str:
+    """``query`` with ``"auto"`` resolved: the class token when ``model.cls_token`` exists, else the mean."""
+    if query != "auto":
+        return query
+    return "cls" if getattr(model, "cls_token", None) is not None else "mean"
 
 
 def attention_with_similarity(attn: nn.Module, x: torch.Tensor, num_prefix_tokens: int, query: str,
@@ -127,9 +177,7 @@ def attention_with_similarity(attn: nn.Module, x: torch.Tensor, num_prefix_token
     B, N, _ = x.shape
     gate = getattr(attn, "gate", None)
     gate = gate(x).sigmoid() if gate is not None else None
-    qkv = attn.qkv(x).reshape(B, N, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)  # (3, B, heads, N, d)
-    q, k, v = qkv.unbind(0)
-    q, k = attn.q_norm(q), attn.k_norm(k)
+    q, k, v = timm_qkv(attn, x)  # (B, heads, N, d) each
     S = similarity_from_qk(q, k, attn.scale, num_prefix_tokens, query, similarity)  # (B, heads, n)
     out = F.scaled_dot_product_attention(
         q, k, v, dropout_p=attn.attn_drop.p if attn.training else 0.0
@@ -211,6 +259,25 @@ def install(model: nn.Module, blocks, wrapper: SARBlock, forward) -> nn.Module:
     blocks[-1] = wrapper
     model.forward_with_similarity = MethodType(forward, model)
     return model
+
+
+def last_block_with_similarity(blocks, x: torch.Tensor, grid: tuple[int, int], num_prefix_tokens: int,
+                               similarity: str | None, tokens: bool):
+    """Run ``blocks[-1]`` (a :class:`SARBlock` called as ``block(x)``) on ``x`` ``(B, P + h*w, C)``.
+
+    Returns:
+        ``(x, S, patches)``: the block's output ``(B, P + h*w, C)``; ``S`` float32 ``(B, heads, h, w)``
+        (``None`` when ``similarity`` is ``None``: the plain forward runs); ``patches`` the
+        output's patch tokens ``(B, h, w, C)`` when ``tokens``, else ``None``.
+    """
+    S = None
+    if similarity is None:
+        x = blocks[-1](x)
+    else:
+        x, S = blocks[-1].forward_with_similarity(x, similarity)  # S: (B, heads, h*w)
+        S = S.unflatten(-1, grid)  # (B, heads, h, w)
+    patches = x[:, num_prefix_tokens:].unflatten(1, grid) if tokens else None  # (B, h, w, C)
+    return x, S, patches
 
 
 def uninstall(model: nn.Module, blocks) -> nn.Module:

@@ -14,9 +14,9 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError, UnsupportedModel
-from .block import BlockLayout, SARBlock, similarity_from_qk, install, uninstall
+from .block import BlockLayout, SARBlock, auto_query, install, query_logits_from_qk, similarity_from_qk, uninstall
 
-__all__ = ["matches", "attach", "detach", "CvTSARBlock"]
+__all__ = ["matches", "attach", "detach", "last_block", "attention_logits", "CvTSARBlock"]
 
 NAME = "CvT"
 DESCRIPTION = "sarvit.models.cvt.CvT: cvt_13; S on the stride-2 key grid of the last block"
@@ -46,6 +46,21 @@ class CvTSARBlock(SARBlock):
         return self._finish(x, self.attn.attend(q, k, v)), S
 
 
+def last_block(model: nn.Module) -> nn.Module:
+    """The last block of the last stage (plain, or the :class:`SARBlock` around it)."""
+    return model.stages[-1].blocks[-1]
+
+
+def attention_logits(model: nn.Module, inputs: tuple, query: str, image_size: tuple[int, int]):
+    """``(logits, P, grid)``: the query's logits over all keys of the last block, float32
+    ``(B, heads, P + h'*w')`` scaled as the block scales them, ``P`` prefix keys (the class
+    token's) and the stride-2 key grid ``(h', w')``. ``inputs``: the block's ``(x, size)``."""
+    block, (x, size) = last_block(model), inputs
+    q, k, _ = block.attn.qkv(block.norm1(x), size)  # q: (B, heads, P + h*w, d); k: (B, heads, P + h'*w', d)
+    prefix = model.stages[-1].num_prefix_tokens
+    return query_logits_from_qk(q, k, block.attn.scale, prefix, query), prefix, block.attn.key_grid(size)
+
+
 def _check(model: nn.Module, query: str) -> None:
     from ..models.cvt import CvTBlock
 
@@ -61,8 +76,7 @@ def _check(model: nn.Module, query: str) -> None:
 
 def attach(model: nn.Module, layout: BlockLayout, query: str) -> nn.Module:
     stage = model.stages[-1]
-    if query == "auto":
-        query = "cls" if stage.cls_token is not None else "mean"
+    query = auto_query(model, query)  # CvT.cls_token: the last stage's
     _check(model, query)
     wrapper = CvTSARBlock(stage.blocks[-1], layout, stage.num_prefix_tokens, query)
     return install(model, stage.blocks, wrapper, forward_with_similarity)

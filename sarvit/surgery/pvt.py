@@ -16,9 +16,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import UnsupportedModel
-from .block import BlockLayout, SARBlock, similarity_from_qk, install, uninstall
+from .block import BlockLayout, SARBlock, install, query_logits_from_qk, similarity_from_qk, uninstall
 
-__all__ = ["matches", "attach", "detach", "sr_attention_with_similarity", "GridSARBlock"]
+__all__ = ["matches", "attach", "detach", "last_block", "attention_logits", "sr_qkv", "sr_attention_with_similarity",
+           "sr_attention_logits", "GridSARBlock"]
 
 NAME = "PVT v1"
 DESCRIPTION = ("sarvit.models.pvt.PyramidVisionTransformer: pvt_tiny, pvt_small; the [CLS] query of the last "
@@ -52,6 +53,40 @@ def reduced_key_tokens(attn: nn.Module, x: torch.Tensor, feat_size: tuple[int, i
     return (act(tokens) if act is not None else tokens), grid
 
 
+def sr_qkv(attn: nn.Module, x: torch.Tensor, feat_size: tuple[int, int], num_prefix_tokens: int):
+    """The queries, keys and values of a spatial-reduction attention, and the key grid.
+
+    Args:
+        attn: PVT v1's or timm's PVT v2 ``Attention``.
+        x: ``(B, P + H*W, C)``, the normalised tokens of the ``feat_size = (H, W)`` grid.
+
+    Returns:
+        ``(q, k, v, grid)``: ``q`` ``(B, heads, P + H*W, d)``; ``k``, ``v`` ``(B, heads, P + h*w, d)``;
+        ``grid`` the key grid ``(h, w)``.
+    """
+    B, N, C = x.shape
+    heads = attn.num_heads
+    q = attn.q(x).reshape(B, N, heads, C // heads).transpose(1, 2)  # (B, heads, N, d)
+    tokens, grid = reduced_key_tokens(attn, x, feat_size, num_prefix_tokens)  # (B, P + h*w, C)
+    kv = attn.kv(tokens).reshape(B, -1, 2, heads, C // heads).permute(2, 0, 3, 1, 4)  # (2, B, heads, P + h*w, d)
+    k, v = kv.unbind(0)
+    return q, k, v, grid
+
+
+def sr_attention_logits(block: nn.Module, x: torch.Tensor, feat_size: tuple[int, int], num_prefix_tokens: int,
+                        query: str):
+    """The query's attention logits over all keys of a PVT block (plain or SAR-wrapped).
+
+    Args:
+        x: ``(B, P + H*W, C)``, the tokens entering the block.
+
+    Returns:
+        ``(logits, grid)``: float32 ``(B, heads, P + h*w)`` and the key grid ``(h, w)``.
+    """
+    q, k, _, grid = sr_qkv(block.attn, block.norm1(x), feat_size, num_prefix_tokens)
+    return query_logits_from_qk(q, k, block.attn.scale, num_prefix_tokens, query), grid
+
+
 def sr_attention_with_similarity(attn: nn.Module, x: torch.Tensor, feat_size: tuple[int, int],
                                  num_prefix_tokens: int, query: str, similarity: str = "dot"):
     """PVT's spatial-reduction attention that also returns the similarity maps (Eq. 4 by default).
@@ -67,11 +102,7 @@ def sr_attention_with_similarity(attn: nn.Module, x: torch.Tensor, feat_size: tu
         ``scaled_dot_product_attention``); ``S`` float32 ``(B, heads, h, w)`` on the key grid.
     """
     B, N, C = x.shape
-    heads = attn.num_heads
-    q = attn.q(x).reshape(B, N, heads, C // heads).transpose(1, 2)  # (B, heads, N, d)
-    tokens, grid = reduced_key_tokens(attn, x, feat_size, num_prefix_tokens)  # (B, P + h*w, C)
-    kv = attn.kv(tokens).reshape(B, -1, 2, heads, C // heads).permute(2, 0, 3, 1, 4)  # (2, B, heads, P + h*w, d)
-    k, v = kv.unbind(0)
+    q, k, v, grid = sr_qkv(attn, x, feat_size, num_prefix_tokens)
     S = similarity_from_qk(q, k, attn.scale, num_prefix_tokens, query, similarity)  # (B, heads, h*w)
     out = F.scaled_dot_product_attention(q, k, v, dropout_p=attn.attn_drop.p if attn.training else 0.0)
     out = out.transpose(1, 2).reshape(B, N, C)  # (B, N, heads * d)
@@ -111,6 +142,20 @@ def matches(model: nn.Module) -> bool:
     from ..models.pvt import PyramidVisionTransformer
 
     return isinstance(model, PyramidVisionTransformer)
+
+
+def last_block(model: nn.Module) -> nn.Module:
+    """The last block of the last stage (plain, or the :class:`SARBlock` around it)."""
+    return model.stages[-1].blocks[-1]
+
+
+def attention_logits(model: nn.Module, inputs: tuple, query: str, image_size: tuple[int, int]):
+    """``(logits, P, grid)``: the query's logits over all keys of the last block, float32
+    ``(B, heads, P + h*w)``, ``P`` prefix keys (the [CLS] key) and the key grid ``(h, w)``.
+    ``inputs`` are the block's arguments ``(x, feat_size)``."""
+    prefix = model.stages[-1].num_prefix_tokens
+    logits, grid = sr_attention_logits(last_block(model), inputs[0], tuple(inputs[1]), prefix, query)
+    return logits, prefix, grid
 
 
 def _check(model: nn.Module) -> None:

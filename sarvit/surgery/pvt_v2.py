@@ -16,9 +16,9 @@ from torch import nn
 
 from ..errors import ConfigError, UnsupportedModel
 from .block import BlockLayout, SARBlock, install, uninstall
-from .pvt import GridSARBlock, run_last_block
+from .pvt import GridSARBlock, last_block, run_last_block, sr_attention_logits
 
-__all__ = ["matches", "attach", "detach"]
+__all__ = ["matches", "attach", "detach", "last_block", "attention_logits"]
 
 NAME = "timm PVT v2"
 DESCRIPTION = ("timm.models.pvt_v2.PyramidVisionTransformerV2: pvt_v2_b0 ... pvt_v2_b5, pvt_v2_b2_li; no class "
@@ -35,6 +35,13 @@ def matches(model: nn.Module) -> bool:
     from timm.models.pvt_v2 import PyramidVisionTransformerV2
 
     return isinstance(model, PyramidVisionTransformerV2)
+
+
+def attention_logits(model: nn.Module, inputs: tuple, query: str, image_size: tuple[int, int]):
+    """``(logits, 0, grid)``: the mean query's logits over the keys of the last block, float32
+    ``(B, heads, h*w)``, on the key grid ``(h, w)``. ``inputs``: the block's ``(x, feat_size)``."""
+    logits, grid = sr_attention_logits(last_block(model), inputs[0], tuple(inputs[1]), 0, query)
+    return logits, 0, grid
 
 
 def _check(model: nn.Module, query: str) -> None:

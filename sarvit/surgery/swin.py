@@ -24,9 +24,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import ConfigError, UnsupportedModel
-from .block import BlockLayout, SARBlock, similarity_from_qk, install, uninstall
+from .block import BlockLayout, SARBlock, install, query_logits_from_qk, similarity_from_qk, uninstall
 
-__all__ = ["matches", "attach", "detach", "window_attention_with_similarity", "SwinSARBlock"]
+__all__ = ["matches", "attach", "detach", "last_block", "attention_logits", "window_attention_with_similarity",
+           "SwinSARBlock"]
 
 NAME = "timm Swin Transformer"
 DESCRIPTION = "timm.models.swin_transformer.SwinTransformer: swin_*, swin_s3_*, last stage one window (224 px)"
@@ -36,6 +37,15 @@ def matches(model: nn.Module) -> bool:
     from timm.models.swin_transformer import SwinTransformer
 
     return isinstance(model, SwinTransformer)
+
+
+def window_qkv(attn: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The queries, keys and values of a ``WindowAttention`` over one window: ``(B, N, C)`` -> three
+    ``(B, heads, N, d)``."""
+    B, N, _ = x.shape
+    qkv = attn.qkv(x).reshape(B, N, 3, attn.num_heads, -1).permute(2, 0, 3, 1, 4)  # (3, B, heads, N, d)
+    q, k, v = qkv.unbind(0)
+    return q, k, v
 
 
 def window_attention_with_similarity(attn: nn.Module, x: torch.Tensor, query: str, similarity: str = "dot"):
@@ -53,8 +63,7 @@ def window_attention_with_similarity(attn: nn.Module, x: torch.Tensor, query: st
         computed with fused ``scaled_dot_product_attention``; ``S`` float32 ``(B, heads, N)``.
     """
     B, N, _ = x.shape
-    qkv = attn.qkv(x).reshape(B, N, 3, attn.num_heads, -1).permute(2, 0, 3, 1, 4)  # (3, B, heads, N, d)
-    q, k, v = qkv.unbind(0)
+    q, k, v = window_qkv(attn, x)  # (B, heads, N, d) each
     S = similarity_from_qk(q, k, attn.scale, 0, query, similarity)  # (B, heads, N)
     out = F.scaled_dot_product_attention(
         q, k, v, attn_mask=attn._get_rel_pos_bias(), dropout_p=attn.attn_drop.p if attn.training else 0.0,
@@ -97,6 +106,29 @@ class SwinSARBlock(SARBlock):
     def set_input_size(self, *args, **kwargs) -> None:
         """timm's ``set_input_size``, applied to the wrapped block (its parts are this block's)."""
         self._original[0].set_input_size(*args, **kwargs)
+
+
+def last_block(model: nn.Module) -> nn.Module:
+    """The last block of the last stage (plain, or the :class:`SARBlock` around it)."""
+    return model.layers[-1].blocks[-1]
+
+
+def attention_logits(model: nn.Module, inputs: tuple, query: str, image_size: tuple[int, int]):
+    """``(logits, 0, grid)``: the mean query's logits over the keys of the last block, float32
+    ``(B, heads, h*w)`` on the last stage's grid ``(h, w)``. ``inputs``: the block's ``(x,)``,
+    ``x`` ``(B, h, w, C)``.
+
+    The logits are ``q_mean . k * scale``, without the relative position bias, as ``S``
+    (the mean query has no position to index the bias with; see the module docstring).
+    The grid must be one window without shift, else :class:`~sarvit.errors.ConfigError`.
+    """
+    block, x = last_block(model), inputs[0]
+    B, H, W, C = x.shape
+    window, shift = tuple(block.attn.window_size), tuple(getattr(block, "shift_size", (0, 0)))
+    if (H, W) != window or any(shift):
+        raise ConfigError(_several_windows((H, W), window, shift))
+    q, k, _ = window_qkv(block.attn, block.norm1(x).reshape(B, H * W, C))  # (B, heads, N, d) each
+    return query_logits_from_qk(q, k, block.attn.scale, 0, query), 0, (H, W)
 
 
 def _several_windows(grid, window, shift, stage_windows=None) -> str:

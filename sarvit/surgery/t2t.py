@@ -11,10 +11,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..errors import ConfigError, UnsupportedModel
-from .block import BlockLayout, SARBlock, install, uninstall
+from .block import BlockLayout, auto_query, last_block_with_similarity, timm_attention_logits, uninstall
+from .vit import attach_timm_blocks, check_timm_block, last_block
 
-__all__ = ["matches", "attach", "detach"]
+__all__ = ["matches", "attach", "detach", "last_block", "attention_logits"]
 
 NAME = "T2T-ViT"
 DESCRIPTION = "sarvit.models.t2t_vit.T2TViT: t2t_vit_14, t2t_vit_t_14; S on the token grid (14x14 at 224x224)"
@@ -26,30 +26,23 @@ def matches(model: nn.Module) -> bool:
     return isinstance(model, T2TViT)
 
 
-def _check(model: nn.Module, query: str) -> None:
-    from timm.layers import Attention
-    from timm.models.vision_transformer import Block
-
-    last = model.blocks[-1]
-    if isinstance(last, SARBlock):
-        raise ValueError("this model already has SAR attached; call sarvit.detach(model) first")
-    if type(last) is not Block or not isinstance(last.attn, Attention):
-        raise UnsupportedModel(f"the last block of this T2T-ViT is a {type(last).__name__}, not timm's Block; "
-                               f"Supported: {NAME} ({DESCRIPTION})")
-    if query == "cls" and getattr(model, "cls_token", None) is None:
-        raise ConfigError("this T2T-ViT has no class token; attach it with query='mean' (the default 'auto' does)")
-
-
 def attach(model: nn.Module, layout: BlockLayout, query: str) -> nn.Module:
-    if query == "auto":
-        query = "cls" if getattr(model, "cls_token", None) is not None else "mean"
-    _check(model, query)
-    wrapper = SARBlock(model.blocks[-1], layout, model.num_prefix_tokens, query)
-    return install(model, model.blocks, wrapper, forward_with_similarity)
+    query = auto_query(model, query)
+    check_timm_block(model, query, f"{NAME} ({DESCRIPTION})")
+    return attach_timm_blocks(model, layout, query, forward_with_similarity)
 
 
 def detach(model: nn.Module) -> nn.Module:
     return uninstall(model, model.blocks)
+
+
+def attention_logits(model: nn.Module, inputs: tuple, query: str, image_size: tuple[int, int]):
+    """``(logits, P, grid)``: the query's logits over all keys of the last block, float32
+    ``(B, heads, 1 + h*w)``, on the token grid; as :func:`sarvit.surgery.vit.attention_logits`."""
+    from ..models.t2t_vit import t2t_grid
+
+    prefix = model.num_prefix_tokens
+    return timm_attention_logits(last_block(model), inputs[0], prefix, query), prefix, t2t_grid(tuple(image_size))
 
 
 def forward_with_similarity(self: nn.Module, x: torch.Tensor, similarity: str | None = "dot",
@@ -71,12 +64,6 @@ def forward_with_similarity(self: nn.Module, x: torch.Tensor, similarity: str | 
     grid = tuple(self.patch_embed.grid_size)
     body = self.blocks[:-1]
     x = checkpoint_seq(body, x) if self.grad_checkpointing and not torch.jit.is_scripting() else body(x)
-    S = None
-    if similarity is None:
-        x = self.blocks[-1](x)
-    else:
-        x, S = self.blocks[-1].forward_with_similarity(x, similarity)  # S: (B, heads, h*w)
-        S = S.unflatten(-1, grid)  # (B, heads, h, w)
-    patches = x[:, self.num_prefix_tokens:].unflatten(1, grid) if tokens else None  # (B, h, w, C)
+    x, S, patches = last_block_with_similarity(self.blocks, x, grid, self.num_prefix_tokens, similarity, tokens)
     logits = self.forward_head(self.norm(x))
     return (logits, S, patches) if tokens else (logits, S)

@@ -19,9 +19,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import UnsupportedModel
-from .block import BlockLayout, SARBlock, similarity_from_qk, install, uninstall
+from .block import (BlockLayout, SARBlock, install, last_block_with_similarity, query_logits_from_qk,
+                    similarity_from_qk, uninstall)
 
-__all__ = ["matches", "attach", "detach", "mha_with_similarity", "EncoderSARBlock"]
+__all__ = ["matches", "attach", "detach", "last_block", "attention_logits", "mha_with_similarity", "EncoderSARBlock"]
 
 NAME = "torchvision VisionTransformer"
 DESCRIPTION = ("torchvision.models.vision_transformer.VisionTransformer: vit_b_16, vit_b_32, vit_l_16, vit_l_32, "
@@ -33,6 +34,31 @@ _MODULE = "torchvision.models.vision_transformer"
 def matches(model: nn.Module) -> bool:
     module = sys.modules.get(_MODULE)  # not imported: the model cannot be one of its classes
     return module is not None and isinstance(model, module.VisionTransformer)
+
+
+def packed_qkv(mha: nn.MultiheadAttention, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """q, k, v of a self-attention ``nn.MultiheadAttention`` from its packed in-projection:
+    ``(B, N, C)`` -> three ``(B, heads, N, d)``."""
+    B, N, C = x.shape
+    qkv = F.linear(x, mha.in_proj_weight, mha.in_proj_bias)  # (B, N, 3C): rows of q, then k, then v
+    q, k, v = qkv.reshape(B, N, 3, mha.num_heads, C // mha.num_heads).permute(2, 0, 3, 1, 4).unbind(0)
+    return q, k, v  # (B, heads, N, d) each
+
+
+def last_block(model: nn.Module) -> nn.Module:
+    """The last encoder block (plain, or the :class:`SARBlock` around it)."""
+    return model.encoder.layers[-1]
+
+
+def attention_logits(model: nn.Module, inputs: tuple, query: str, image_size: tuple[int, int]):
+    """``(logits, 1, grid)``: the query's logits over all keys of the last block, float32
+    ``(B, heads, 1 + h*w)`` (the class key first), and the patch grid ``(h, w)``.
+    ``inputs``: the block's ``(x,)``, ``x`` ``(B, 1 + h*w, C)``."""
+    block, x = last_block(model), inputs[0]
+    q, k, _ = packed_qkv(block.self_attention, block.ln_1(x))  # (B, heads, N, d) each
+    scale = (x.shape[-1] // block.self_attention.num_heads) ** -0.5
+    grid = (image_size[0] // model.patch_size, image_size[1] // model.patch_size)
+    return query_logits_from_qk(q, k, scale, 1, query), 1, grid
 
 
 def mha_with_similarity(mha: nn.MultiheadAttention, x: torch.Tensor, query: str, similarity: str = "dot"):
@@ -51,10 +77,8 @@ def mha_with_similarity(mha: nn.MultiheadAttention, x: torch.Tensor, query: str,
         ``scaled_dot_product_attention``; ``S`` float32 ``(B, heads, N - 1)``.
     """
     B, N, C = x.shape
-    heads = mha.num_heads
-    qkv = F.linear(x, mha.in_proj_weight, mha.in_proj_bias)  # (B, N, 3C): rows of q, then k, then v
-    q, k, v = qkv.reshape(B, N, 3, heads, C // heads).permute(2, 0, 3, 1, 4).unbind(0)  # (B, heads, N, d) each
-    S = similarity_from_qk(q, k, (C // heads) ** -0.5, 1, query, similarity)  # (B, heads, N - 1)
+    q, k, v = packed_qkv(mha, x)  # (B, heads, N, d) each
+    S = similarity_from_qk(q, k, (C // mha.num_heads) ** -0.5, 1, query, similarity)  # (B, heads, N - 1)
     out = F.scaled_dot_product_attention(q, k, v, dropout_p=mha.dropout if mha.training else 0.0)  # (B, heads, N, d)
     out = out.transpose(1, 2).reshape(B, N, C)  # (B, N, heads * d)
     return mha.out_proj(out), S
@@ -117,13 +141,7 @@ def forward_with_similarity(self: nn.Module, x: torch.Tensor, similarity: str | 
     x = torch.cat([self.class_token.expand(x.shape[0], -1, -1), x], dim=1)  # (B, 1 + h*w, C)
     encoder = self.encoder
     x = encoder.layers[:-1](encoder.dropout(x + encoder.pos_embedding))
-    S = None
-    if similarity is None:
-        x = encoder.layers[-1](x)
-    else:
-        x, S = encoder.layers[-1].forward_with_similarity(x, similarity)  # S: (B, heads, h*w)
-        S = S.unflatten(-1, grid)  # (B, heads, h, w)
-    patches = x[:, 1:].unflatten(1, grid) if tokens else None  # (B, h, w, C)
+    x, S, patches = last_block_with_similarity(encoder.layers, x, grid, 1, similarity, tokens)
     logits = self.heads(encoder.ln(x)[:, 0])
     return (logits, S, patches) if tokens else (logits, S)
 
