@@ -19,6 +19,8 @@ $(STAMP): pyproject.toml $(TORCH_REQUIREMENTS)
 	$(PY) -m pip install -qq -e ".[test]"
 	# ImageNet-C corruptions; --no-deps: it asks for the GUI OpenCV build, sarvit ships the headless one
 	$(PY) -m pip install -qq --no-deps "imagecorruptions-imaug==1.1.5"
+	# DINO and MoCo v3 parts (heads, DINO loss, multi-crop); --no-deps: the rest of its requirements is Lightning
+	$(PY) -m pip install -qq --no-deps "lightly==1.6.0"
 	@touch $@
 
 $(SYSTEM_STAMP): scripts/install-system-deps.sh | $(STAMP)

@@ -34,8 +34,9 @@ from safetensors.torch import load_file, save_file
 from .runs import RunFolder, atomic_write, fsync_dir, remove
 
 __all__ = [
-    "atomic_write", "save_weights", "load_weights", "read_metadata", "save_checkpoint", "latest_checkpoint",
-    "find_checkpoint", "verify_checkpoint", "Found", "load_state", "WEIGHTS", "EMA_WEIGHTS", "STATE", "MANIFEST",
+    "atomic_write", "save_weights", "load_weights", "read_metadata", "file_sha256", "save_checkpoint",
+    "latest_checkpoint", "find_checkpoint", "verify_checkpoint", "Found", "load_state", "WEIGHTS", "EMA_WEIGHTS",
+    "STATE", "MANIFEST",
 ]
 
 WEIGHTS, EMA_WEIGHTS, STATE, MANIFEST = "model.safetensors", "ema.safetensors", "state.pt", "manifest.json"
@@ -58,6 +59,17 @@ def _umask() -> int:
     mask = os.umask(0o022)
     os.umask(mask)
     return mask
+
+
+def file_sha256(path: str | Path) -> str:
+    """The SHA-256 of a file (a backbone a run depends on: its resume refuses a changed one)."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def load_weights(path: str | Path, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:

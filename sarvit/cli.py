@@ -1,6 +1,9 @@
 """The ``sarvit`` command line: a thin layer over the library.
 
     sarvit train --config RECIPE [--option value ...]
+    sarvit pretrain --method dino|mocov3 [--sar true|false] [--option value ...]
+    sarvit finetune --pretrained RUN_OR_FILE [--option value ...]
+    sarvit linprobe --checkpoint RUN_OR_FILE --data NAME [--option value ...]
     sarvit eval --checkpoint RUN_DIR_OR_FILE [--data NAME]
     sarvit demo
     sarvit study STUDY.yaml [--jobs N]
@@ -17,7 +20,8 @@ import tempfile
 from pathlib import Path
 
 from . import __version__
-from .config import CHOICES, FIELDS, RULES, ConfigError, check_field, load_config, parse_value
+from .config import (CHOICES, COMMAND_TASKS, FIELDS, RULES, ConfigError, check_field, load_config, parse_value,
+                     task_fields)
 from .errors import user_message
 
 __all__ = ["main", "build_parser"]
@@ -26,9 +30,10 @@ __all__ = ["main", "build_parser"]
 # as one line without a traceback (`sarvit.errors.user_message`); anything else is a bug.
 
 
-# the options of `sarvit train`, in groups: (title, first field of the group)
+# the options of the training commands, in groups: (title, first field of the group)
 TRAIN_GROUPS = (("data", "data"), ("model", "model"), ("SAR", "sar"), ("optimisation", "epochs"),
-                ("augmentation and regularisation", "smoothing"), ("run", "seed"))
+                ("augmentation and regularisation", "smoothing"), ("self-supervised", "task"),
+                ("transfer", "pretrained"), ("run", "seed"))
 
 
 def _checked(name: str):
@@ -55,6 +60,33 @@ def _metavar(name: str) -> str:
     return {bool: "true|false", int: "N", float: "X", dict: "YAML", tuple: "LO,HI"}.get(kind, "TEXT")
 
 
+def _add_config_options(p, task: str, flags: dict[str, str] | None = None,
+                        required: tuple[str, ...] = ()) -> None:
+    """One option per field ``task`` reads (``sarvit.config.task_fields``), in titled groups;
+    ``flags`` renames some (field -> flag), ``required`` must be given."""
+    flags = flags or {}
+    order = list(FIELDS)
+    starts = [(order.index(first), title) for title, first in TRAIN_GROUPS]
+    groups: dict[str, argparse._ArgumentGroup] = {}
+    for name in task_fields(task):
+        if name == "task" and name not in flags:
+            continue
+        title = [t for i, t in starts if i <= order.index(name)][-1]
+        group = groups.get(title) or groups.setdefault(title, p.add_argument_group(f"{title} options"))
+        f = FIELDS[name]
+        flag = flags.get(name) or ("--lambda" if name == "lambda_" else "--" + name.replace("_", "-"))
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        rule = RULES[name]
+        admits = f"{rule.requirement()}; " if rule.range is not None else ""
+        shown = "required" if name in required else f"default: {default}"
+        text = f"{f.metadata.get('help', '')} ({admits}{shown})"
+        metavar = _metavar(name)
+        if name == "task":  # `sarvit pretrain --method`
+            metavar = "|".join(COMMAND_TASKS["pretrain"])
+            text = "the self-supervised method (required, unless the recipe sets `task`)"
+        group.add_argument(flag, dest=name, default=argparse.SUPPRESS, metavar=metavar, help=text)
+
+
 def _add_train(sub) -> None:
     p = sub.add_parser(
         "train",
@@ -65,17 +97,50 @@ def _add_train(sub) -> None:
         epilog="example: sarvit train --config fashion_mnist_cpu --sar false --output runs/fmnist-baseline",
     )
     p.add_argument("--config", metavar="RECIPE", help="YAML recipe: a file, or a shipped recipe's name")
-    starts = {first: title for title, first in TRAIN_GROUPS}
-    group = p
-    for name, f in FIELDS.items():
-        if name in starts:
-            group = p.add_argument_group(f"{starts[name]} options")
-        flag = "--lambda" if name == "lambda_" else "--" + name.replace("_", "-")
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        rule = RULES[name]
-        admits = f"{rule.requirement()}; " if rule.range is not None else ""
-        group.add_argument(flag, dest=name, default=argparse.SUPPRESS, metavar=_metavar(name),
-                           help=f"{f.metadata.get('help', '')} ({admits}default: {default})")
+    _add_config_options(p, "supervised")
+
+
+def _add_finetune(sub) -> None:
+    p = sub.add_parser(
+        "finetune",
+        help="fine-tune pre-trained weights (SAR in pre-training, fine-tuning, both: Table 7)",
+        description="`sarvit train` from pre-trained weights: a sarvit run folder (train or pretrain) or weights "
+        "file, a timm state dict, or a DINO / MoCo v3 checkpoint. The classifier head is new; the keys used, "
+        "dropped and newly initialised are printed. A backbone pre-trained with SAR keeps its Eq. 10-11 last block "
+        "when fine-tuned without the SE term (--sar false); one pre-trained without SAR keeps the standard block "
+        "when the SE term is added (appendix E.4).",
+        epilog="example: sarvit finetune --pretrained runs/dino-sar --config cifar100_finetune --sar true",
+    )
+    p.add_argument("--config", metavar="RECIPE", help="YAML recipe: a file, or a shipped recipe's name")
+    _add_config_options(p, "supervised", required=("pretrained",))
+
+
+def _add_pretrain(sub) -> None:
+    p = sub.add_parser(
+        "pretrain",
+        help="self-supervised pre-training: DINO or MoCo v3, with or without SAR (appendix C)",
+        description="Pre-train a ViT without labels with DINO (multi-crop self-distillation) or MoCo v3 "
+        "(momentum contrast); with --sar true the student / query encoder gets the Eq. 10-11 last block and "
+        "lambda * L_se on the global views. Same run folders, checkpoints, exact resume and torchrun as `sarvit "
+        "train`. Labels are read only for the 20-NN monitor. The run folder gets backbone.safetensors for "
+        "`sarvit linprobe` and `sarvit finetune`.",
+        epilog="example: sarvit pretrain --config fashion_mnist_dino_cpu --sar true --output runs/dino-sar",
+    )
+    p.add_argument("--config", metavar="RECIPE", help="YAML recipe: a file, or a shipped recipe's name")
+    _add_config_options(p, "dino", flags={"task": "--method"})
+
+
+def _add_linprobe(sub) -> None:
+    p = sub.add_parser(
+        "linprobe",
+        help="linear probing of a frozen backbone (DINO's protocol)",
+        description="Train a linear classifier on the frozen backbone's features (the class tokens of the last "
+        "--n-last-blocks blocks after the final norm, optionally with the mean patch token), DINO's protocol: SGD, "
+        "random-resized crops and flips for training, one centre crop for evaluation; top-1 and top-5.",
+        epilog="example: sarvit linprobe --checkpoint runs/dino-sar --config fashion_mnist_linprobe_cpu",
+    )
+    p.add_argument("--config", metavar="RECIPE", help="YAML recipe: a file, or a shipped recipe's name")
+    _add_config_options(p, "linprobe", flags={"pretrained": "--checkpoint"}, required=("pretrained",))
 
 
 def _add_eval(sub) -> None:
@@ -152,7 +217,9 @@ def _add_attention(sub) -> None:
     p.add_argument("--img-size", type=int, help="input size (default: the first checkpoint's training size)")
     p.add_argument("--which", default="best", choices=["best", "last", "best_ema"], help="weights of a run folder")
     p.add_argument("--mass", type=float, default=0.6, help="attention mass the outline keeps (default 0.6)")
-    p.add_argument("--model", help="timm architecture, only for weights not written by sarvit")
+    p.add_argument("--model", help="architecture of weights not written by sarvit: a timm name "
+                   "(vit_small_patch16_224, t2t_vit_14, pvt_small, cvt_13, swin_tiny_patch4_window7_224, pvt_v2_b0, "
+                   "...) or torchvision:vit_b_16")
     p.add_argument("--device", default="auto")
     p.add_argument("--output", required=True, help="the PNG file to write")
 
@@ -162,19 +229,23 @@ def _add_jaccard(sub) -> None:
         "jaccard",
         help="Jaccard similarity of the thresholded attention with object masks (Table 11 protocol)",
         description="Per head keep 60% of the post-softmax [CLS] attention mass at --img-size x --img-size, upsample "
-        "it by the patch size, take the best IoU over heads for each object class of an image (0 and 255 excluded), "
-        "average over the objects, then over the images. Void pixels (255) count in the union, as in the published "
-        "evaluation, unless --void-fix.",
+        "it by the key grid's stride, take the best IoU over heads for each object class of an image (0 and 255 "
+        "excluded), average over the objects, then over the images. Void pixels (255) count in the union, as in the "
+        "published evaluation, unless --void-fix. The query is the class token, or the mean patch query for models "
+        "without one (Swin, PVT v2).",
         epilog="example: sarvit jaccard --checkpoint runs/sar --data voc2012 --data-root ~/data --output sar-voc.csv",
     )
     p.add_argument("--checkpoint", required=True, help="run folder or weights file")
     p.add_argument("--data", required=True, help="voc2012, or a folder with images/ and masks/ (same stems)")
     p.add_argument("--data-root", help="for voc2012: the folder holding VOCdevkit/VOC2012 (or VOC2012)")
-    p.add_argument("--img-size", type=int, default=480, help="input size, a multiple of the patch size (default 480)")
+    p.add_argument("--img-size", type=int, default=480, help="input size, a multiple of the key grid's stride: "
+                   "the patch size of a ViT, 32 for PVT, CvT and Swin (default 480)")
     p.add_argument("--void-fix", action="store_true", help="leave void pixels out of intersection and union")
     p.add_argument("--mass", type=float, default=0.6, help="attention mass each head keeps (default 0.6)")
     p.add_argument("--which", default="best", choices=["best", "last", "best_ema"], help="weights of a run folder")
-    p.add_argument("--model", help="timm architecture, only for weights not written by sarvit")
+    p.add_argument("--model", help="architecture of weights not written by sarvit: a timm name "
+                   "(vit_small_patch16_224, t2t_vit_14, pvt_small, cvt_13, swin_tiny_patch4_window7_224, pvt_v2_b0, "
+                   "...) or torchvision:vit_b_16")
     p.add_argument("--output", help="per-image CSV (default: jaccard-<data>-<size>[-voidfix].csv in the run folder)")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--workers", type=int, default=2)
@@ -191,7 +262,8 @@ def _add_curves(sub) -> None:
 def _add_study(sub) -> None:
     p = sub.add_parser(
         "study", help="run a grid of trainings over seeds and write a report",
-        description="Expand a study file (methods x grid cells x seeds over any `sarvit train` option) into runs, "
+        description="Expand a study file (methods x grid cells x seeds over any `sarvit train` option, or `sarvit "
+        "pretrain` ones with a linear probe of every run: `command: pretrain`, `probe:`) into runs, "
         "run those not finished yet (an interrupted run continues from its checkpoint), then write report.md, "
         "report.html (self-contained), runs.csv and figures/ into the output folder: mean +- std over seeds and "
         "each method's difference to the baseline with a paired 95% confidence interval.",
@@ -203,7 +275,7 @@ def _add_study(sub) -> None:
                    "relative to the output; else DIR/runs); studies that share it share identical runs")
     p.add_argument("--set", action="append", default=[], metavar="OPTION=VALUE",
                    help="set a sarvit train option in every run, over what the study file says (repeatable), "
-                   "e.g. --set data_root=/data/imagenet")
+                   "e.g. --set data_root=/data/imagenet; probe.OPTION=VALUE sets it in every linear probe")
     p.add_argument("--jobs", type=_positive_int("jobs"), default=1,
                    help="runs side by side (default 1); each gets cores/jobs threads, or one of --devices")
     p.add_argument("--threads", type=_positive_int("threads"), help="threads per run (default cores/jobs)")
@@ -264,6 +336,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"sarvit {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     _add_train(sub)
+    _add_pretrain(sub)
+    _add_finetune(sub)
+    _add_linprobe(sub)
     _add_eval(sub)
     _add_demo(sub)
     _add_attention(sub)
@@ -275,7 +350,9 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _cmd_train(args: argparse.Namespace) -> int:
+def _run_config(args: argparse.Namespace, command: str):
+    """The configuration of a training command: recipe <- options; a run's own config.yaml
+    (``--config RUN/config.yaml`` or ``--resume RUN`` alone) continues that run where it lies."""
     from .runs import RunFolder, run_folder_of
 
     overrides = {k: v for k, v in vars(args).items() if k in FIELDS}
@@ -292,11 +369,31 @@ def _cmd_train(args: argparse.Namespace) -> int:
             overrides["output"] = os.path.abspath(recipe.parent)
             overrides.setdefault("resume", None)
             overrides.setdefault("extend", False)
-    cfg = load_config(config, overrides)  # option errors answer before torch is imported
-    from .train import train
+    cfg = load_config(config, overrides, command=command)  # option errors answer before torch is imported
+    if command == "finetune" and cfg.pretrained is None:
+        raise ConfigError("sarvit finetune needs --pretrained: a run folder or weights file to start from")
+    if command == "linprobe" and cfg.pretrained is None:
+        raise ConfigError("sarvit linprobe needs --checkpoint: the run folder or weights file to probe")
+    return cfg
 
-    train(cfg)
-    return 0
+
+# the training commands: command -> (module, function) run on the configuration
+TRAINERS = {"train": ("train", "train"), "finetune": ("train", "train"), "pretrain": ("pretrain", "pretrain"),
+            "linprobe": ("linprobe", "linprobe")}
+
+
+def _cmd_training(command: str):
+    """``sarvit train|finetune|pretrain|linprobe``: options checked, then the library imported and run."""
+
+    def run(args: argparse.Namespace) -> int:
+        import importlib
+
+        cfg = _run_config(args, command)
+        module, function = TRAINERS[command]
+        getattr(importlib.import_module(f".{module}", __package__), function)(cfg)
+        return 0
+
+    return run
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
@@ -426,12 +523,13 @@ def _cmd_study(args: argparse.Namespace) -> int:
     devices = [d.strip() for d in args.devices.split(",") if d.strip()] if args.devices else None
     if args.devices is not None and not devices:
         raise ConfigError(f"--devices {args.devices!r} names no GPU; give indices such as 0,1")
-    from .study.runner import check_runs, run_study, status_of, train_command
+    from .study.runner import check_runs, probe_command, run_study, status_of, train_command
 
     if args.list:
         for run in study.runs:
             print(f"{status_of(run):11s} {run.method} | {run.cell or '-'} | seed {run.seed}: "
-                  f"{shlex.join(train_command(study, run, args.torchrun))}")
+                  f"{shlex.join(train_command(study, run, args.torchrun))}"
+                  + (f" && {shlex.join(probe_command(study, run, args.torchrun))}" if run.probe else ""))
         return 0
     failed = []
     if args.report_only:
@@ -479,8 +577,8 @@ def _thread_fault_hook(command: str, default):
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    commands = {"train": _cmd_train, "eval": _cmd_eval, "demo": _cmd_demo, "recipes": _cmd_recipes,
-                "attention": _cmd_attention, "jaccard": _cmd_jaccard, "curves": _cmd_curves, "data": _cmd_data,
+    commands = {**{name: _cmd_training(name) for name in TRAINERS}, "eval": _cmd_eval, "demo": _cmd_demo,
+                "recipes": _cmd_recipes, "attention": _cmd_attention, "jaccard": _cmd_jaccard, "curves": _cmd_curves, "data": _cmd_data,
                 "study": _cmd_study}
     if args.command is None:
         parser.print_help()
@@ -494,7 +592,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return commands[args.command](args)
     except KeyboardInterrupt:
-        then = {"train": "; `--resume auto` continues from the last checkpoint",
+        resumable = "; `--resume auto` continues from the last checkpoint"
+        then = {"train": resumable, "pretrain": resumable, "finetune": resumable, "linprobe": resumable,
                 "demo": "; `--resume` with the same --output continues it",
                 "study": "; the same command continues it (finished runs are kept)"}.get(args.command, "")
         print(f"sarvit {args.command}: interrupted{then}", file=sys.stderr)

@@ -31,7 +31,7 @@ from .errors import ConfigError
 
 __all__ = [
     "TrainConfig", "ConfigError", "Rule", "load_config", "apply_overrides", "validate", "validate_with_libraries",
-    "check_field", "to_dict", "parse_value", "recipe_path",
+    "check_field", "to_dict", "parse_value", "recipe_path", "task_fields", "TASKS",
 ]
 
 
@@ -105,6 +105,7 @@ OPEN_UNIT = (0, 1, "()")
 HALF_OPEN_UNIT = (0, 1, "[)")
 SEED = (0, 2**32 - 1, "[]")
 
+TASKS = ("supervised", "dino", "mocov3", "linprobe")
 INTERPOLATIONS = ("bilinear", "bicubic", "nearest", "lanczos", "box", "hamming")
 DEVICE_SYNTAX = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
 
@@ -234,6 +235,46 @@ class TrainConfig:
     crop_pct: float = option(0.875, "evaluation centre-crop fraction", range=FRACTION)
     model_ema: bool = option(False, "keep an exponential moving average of the weights")
     model_ema_decay: float = option(0.99996, "EMA decay per step", range=OPEN_UNIT)
+    # --- self-supervised pre-training (sarvit pretrain) ---------------------------------
+    task: str = option("supervised", "what is trained, set by the command: supervised (train, finetune) | dino | "
+                       "mocov3 (pretrain --method) | linprobe", choices=TASKS)
+    global_crops_scale: tuple = option((0.4, 1.0), "DINO: area range of the 2 global crops, e.g. 0.4,1",
+                                       check=_scale)
+    local_crops_number: int = option(8, "DINO: local crops per image (the paper: 10)", range=NON_NEGATIVE)
+    local_crops_scale: tuple = option((0.05, 0.4), "DINO: area range of the local crops", check=_scale)
+    local_crop_size: int = option(96, "DINO: side of the local crops (a multiple of the patch size)",
+                                  range=AT_LEAST_ONE)
+    out_dim: int = option(65536, "DINO: output dimension of the projection head", range=AT_LEAST_ONE)
+    norm_last_layer: bool = option(True, "DINO: weight-normalise the head's last layer with a fixed norm")
+    warmup_teacher_temp: float = option(0.04, "DINO: teacher temperature at the start", range=POSITIVE)
+    teacher_temp: float = option(0.04, "DINO: teacher temperature after the warm-up", range=POSITIVE)
+    warmup_teacher_temp_epochs: int = option(0, "DINO: linear teacher-temperature warm-up epochs",
+                                             range=NON_NEGATIVE)
+    momentum_teacher: float = option(0.996, "DINO: teacher EMA momentum at the start (cosine to 1)",
+                                     range=PROBABILITY)
+    freeze_last_layer: int = option(1, "DINO: epochs during which the head's last layer does not learn",
+                                    range=NON_NEGATIVE)
+    weight_decay_end: float | None = option(None, "weight decay at the end of a cosine schedule from "
+                                            "--weight-decay (DINO: 0.04 -> 0.4); none: constant",
+                                            range=NON_NEGATIVE)
+    moco_dim: int = option(256, "MoCo v3: output dimension of the projection and prediction heads",
+                           range=AT_LEAST_ONE)
+    moco_mlp_dim: int = option(4096, "MoCo v3: hidden dimension of the heads", range=AT_LEAST_ONE)
+    moco_t: float = option(0.2, "MoCo v3: softmax temperature", range=POSITIVE)
+    moco_m: float = option(0.99, "MoCo v3: momentum-encoder momentum at the start (cosine to 1)",
+                           range=PROBABILITY)
+    moco_min_crop: float = option(0.08, "MoCo v3: smallest crop area of a view", range=FRACTION)
+    stop_grad_conv1: bool = option(True, "MoCo v3: keep the random patch projection fixed")
+    # --- transfer: fine-tuning and linear probing ---------------------------------------
+    pretrained: str | None = option(None, "start from these weights: a sarvit run folder or weights file, a timm "
+                                    "state dict, a DINO or MoCo v3 checkpoint (finetune, linprobe)", check=_non_empty)
+    pretrained_which: str | None = option(None, "which network of a DINO (teacher|student) or MoCo v3 "
+                                          "(base|momentum) checkpoint; default the teacher / the base encoder",
+                                          choices=(None, "teacher", "student", "base", "momentum"))
+    n_last_blocks: int = option(4, "linear probe: concatenate the class tokens of the last N blocks (DINO: 4 "
+                                "for ViT-S, 1 for ViT-B)", range=AT_LEAST_ONE)
+    avgpool_patchtokens: bool = option(False, "linear probe: also concatenate the mean of the last block's "
+                                       "patch tokens")
     # --- run ----------------------------------------------------------------------------
     seed: int = option(0, "seed of the initialisation, the subset, the data order and the augmentation", range=SEED)
     device: str = option("auto", "auto | cpu | cuda | cuda:N | mps", check=_device)
@@ -256,6 +297,31 @@ FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
 RULES: dict[str, Rule] = {name: f.metadata["rule"] for name, f in FIELDS.items()}
 CHOICES = {name: rule.choices for name, rule in RULES.items() if rule.choices is not None}
 _KEY_ALIASES = {"lambda": "lambda_"}
+
+# the options each task reads; a run's config.yaml holds its task's options only
+_SUPERVISED_ONLY = ("objective", "drloc_lambda", "drloc_warmup_epochs", "drloc_pairs", "smoothing", "mixup", "cutmix",
+                    "mixup_prob", "mixup_switch_prob", "auto_augment", "reprob", "color_jitter", "model_ema",
+                    "model_ema_decay")
+_SSL_ONLY = tuple(n for n in FIELDS if list(FIELDS).index("global_crops_scale") <= list(FIELDS).index(n)
+                  <= list(FIELDS).index("stop_grad_conv1"))
+_TRANSFER = ("pretrained", "pretrained_which")
+_PROBE_ONLY = ("n_last_blocks", "avgpool_patchtokens")
+_SAR = ("sar", "lambda_", "lambda_schedule", "lambda_warmup_epochs", "layout", "query")
+_CROPS = ("hflip", "scale")
+
+
+def task_fields(task: str) -> tuple[str, ...]:
+    """The fields of ``TrainConfig`` that ``task`` reads, in declaration order (``task`` included)."""
+    if task == "supervised":
+        skip = set(_SSL_ONLY) | set(_PROBE_ONLY)
+    elif task in ("dino", "mocov3"):
+        skip = set(_SUPERVISED_ONLY) | set(_TRANSFER) | set(_PROBE_ONLY) | set(_CROPS)
+    elif task == "linprobe":
+        skip = set(_SUPERVISED_ONLY) | set(_SSL_ONLY) | set(_SAR) | {"drop_path"}
+    else:
+        raise ConfigError(f"task must be one of {', '.join(TASKS)}; got {task!r}")
+    return tuple(n for n in FIELDS if n not in skip)
+
 
 
 def field_name(key: Any) -> str:
@@ -367,12 +433,17 @@ def read_recipe(path: str | Path) -> dict[str, Any]:
     return loaded
 
 
-def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> TrainConfig:
-    """Defaults <- YAML recipe (a path or a shipped recipe's name) <- ``overrides``."""
+def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None, *,
+                command: str = "train") -> TrainConfig:
+    """Defaults <- YAML recipe (a path or a shipped recipe's name) <- ``overrides``.
+
+    ``command`` (train, finetune, pretrain, linprobe) says which options exist: a key that
+    belongs to another command's task is refused, in the recipe as on the command line.
+    """
     values: dict[str, Any] = {}
+    overridden = {field_name(key) for key in overrides or {}}
     if path is not None:
         recipe = read_recipe(path)
-        overridden = {field_name(key) for key in overrides or {}}
         try:  # a recipe's own mistakes name the recipe (those of values the command line replaces too)
             for key, value in recipe.items():
                 name = field_name(key)
@@ -382,7 +453,45 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
             raise ConfigError(f"{recipe_path(str(path))}: {err}") from None
         values.update(recipe)
     values.update(overrides or {})
+    task = _task_of(command, values, path)
+    values["task"] = task
+    allowed = set(task_fields(task))
+    for key in values:
+        name = field_name(key)
+        if name not in allowed:
+            where = "--" + shown_name(name).replace("_", "-") if name in overridden else f"{shown_name(name)} in {path}"
+            raise ConfigError(f"{where}: not an option of `sarvit {command}`{_owner_hint(name)}")
     return apply_overrides(TrainConfig(), values)
+
+
+COMMAND_TASKS = {"train": ("supervised",), "finetune": ("supervised",), "pretrain": ("dino", "mocov3"),
+                 "linprobe": ("linprobe",)}
+TASK_COMMAND = {"supervised": "train", "dino": "pretrain --method dino", "mocov3": "pretrain --method mocov3",
+                "linprobe": "linprobe"}
+
+
+def _task_of(command: str, values: dict[str, Any], path) -> str:
+    """The task the values ask for, refused when it is not ``command``'s."""
+    tasks = COMMAND_TASKS[command]
+    task = values.get("task", tasks[0] if len(tasks) == 1 else None)
+    if task is None:
+        raise ConfigError(f"sarvit {command} needs --method ({' or '.join(tasks)}), or a recipe that sets it")
+    if task not in tasks:
+        given = "--method" if command == "pretrain" else "the options"
+        if "task" in (values.keys() if path is None else read_recipe(path).keys()) and path is not None:
+            given = str(path)
+        if task in TASK_COMMAND:
+            raise ConfigError(f"{given}: task {task} is `sarvit {TASK_COMMAND[task]}`'s, not `sarvit {command}`'s")
+        raise ConfigError(f"task must be one of {', '.join(tasks)} for sarvit {command}; got {task!r}")
+    return task
+
+
+def _owner_hint(name: str) -> str:
+    owners = [t for t in TASKS if name in task_fields(t)]
+    if not owners:
+        return ""
+    return " (it is one of `sarvit " + "`, `sarvit ".join(dict.fromkeys(TASK_COMMAND[t].split(" --")[0]
+                                                                      for t in owners)) + "`)"
 
 
 def apply_overrides(cfg: TrainConfig, values: dict[str, Any]) -> TrainConfig:
@@ -441,11 +550,17 @@ def validate_with_libraries(cfg: TrainConfig) -> TrainConfig:
     """
     validate(cfg)
     _check_auto_augment_with_timm(cfg.auto_augment, cfg.img_size)
-    _check_optimizer(cfg.opt, cfg.momentum, cfg.weight_decay)
-    _check_scheduler(cfg)
+    check_optimization_with_timm(cfg)
     _check_model(cfg)
     _check_data(cfg.data)
     return cfg
+
+
+def check_optimization_with_timm(cfg: TrainConfig) -> None:
+    """``opt`` is a timm optimizer (with its momentum and weight decay) and ``sched`` a schedule the
+    loop can step per update; raises :class:`ConfigError`."""
+    _check_optimizer(cfg.opt, cfg.momentum, cfg.weight_decay)
+    _check_scheduler(cfg)
 
 
 def _check_auto_augment_with_timm(policy: str | None, img_size: int) -> None:
@@ -517,9 +632,11 @@ def _check_data(data: str) -> None:
 
 
 def to_dict(cfg: TrainConfig) -> dict[str, Any]:
-    """YAML-ready dict, with ``lambda`` spelled as in recipes."""
+    """YAML-ready dict of the options ``cfg.task`` reads, with ``lambda`` spelled as in recipes."""
     out = {}
-    for name, value in dataclasses.asdict(cfg).items():
+    values = dataclasses.asdict(cfg)
+    for name in task_fields(cfg.task):
+        value = values[name]
         out[shown_name(name)] = list(value) if isinstance(value, tuple) else value
     return out
 

@@ -16,6 +16,7 @@ from torch import nn
 
 from .checkpoint import EMA_WEIGHTS, STATE, WEIGHTS, find_checkpoint, load_weights, read_metadata
 from .errors import ConfigError, WeightsNotFound
+from .runs import RunFolder
 from .surgery import attach, check_supported
 
 __all__ = ["create_model", "load_model", "resolve_weights", "check_image_size"]
@@ -123,7 +124,8 @@ def check_image_size(model: nn.Module, img_size: int) -> None:
 
 
 def resolve_weights(path: str | Path, which: str = "best") -> Path:
-    """A weights file from a file path or a run folder (``best``, ``last`` or ``best_ema`` weights)."""
+    """A weights file from a file path or a run folder (``best``, ``last`` or ``best_ema`` weights;
+    ``last`` of a ``sarvit pretrain`` run is its ``backbone.safetensors``, the evaluated backbone)."""
     if which not in RUN_WEIGHTS:
         raise ConfigError(f"which must be one of {', '.join(RUN_WEIGHTS)}; got {which!r}")
     path = Path(path)
@@ -136,6 +138,8 @@ def resolve_weights(path: str | Path, which: str = "best") -> Path:
         if own.is_file():
             return own
         raise WeightsNotFound(f"checkpoint {path} holds no {own.name}; looked for: {own}")
+    if which == "last" and RunFolder(path).backbone.is_file():  # a `sarvit pretrain` run: its latest backbone
+        return RunFolder(path).backbone
     candidates = [path / name for name in RUN_WEIGHTS[which]]
     for c in candidates:
         if c.parent.name == "last" and c.parent.parent.name == "checkpoints":

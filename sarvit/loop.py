@@ -51,7 +51,7 @@ from .errors import ConfigError
 from .runlog import RunLog, read_metrics
 from .runs import RunFolder, RunLock, atomic_write, remove, run_folder_of
 
-__all__ = ["Data", "Plan", "Task", "run", "seed_everything", "BASE_RESUMABLE"]
+__all__ = ["Data", "Plan", "Task", "run", "seed_everything", "epoch_text", "BASE_RESUMABLE"]
 
 # options that may change when any run is resumed: they do not alter the experiment
 BASE_RESUMABLE = frozenset({"resume", "output", "workers", "log_interval", "device", "eval_interval",
@@ -209,6 +209,13 @@ def _run(cfg, task: Task, dist: Dist, stack: ExitStack) -> dict[str, Any]:
     return summary
 
 
+def epoch_text(row: dict[str, Any]) -> str:
+    """The start of an epoch's line: the loss, each term, images per second."""
+    terms = [k.removeprefix("train_") for k in row if k.startswith("train_") and k != "train_loss"]
+    parts = ", ".join(f"{t} {row['train_' + t]:.4f}" for t in terms)
+    return f"epoch {row['epoch']}: loss {row['train_loss']:.4f} ({parts}), {row['images_per_sec']:.0f} img/s"
+
+
 # --- run folder and resume ------------------------------------------------------------------
 
 
@@ -333,7 +340,7 @@ def _check_same_experiment(cfg, task: Task, run: RunFolder) -> int | None:
         return None
     now = to_dict(cfg)
     # an option newer than the run's config.yaml: the run had its default
-    defaults = to_dict(type(cfg)())
+    defaults = to_dict(dataclasses.replace(type(cfg)(), task=cfg.task))
     saved = {**{k: v for k, v in defaults.items() if k not in saved}, **saved}
     diff = {k: (saved.get(k), v) for k, v in now.items() if k not in task.resumable and not _same(k, saved.get(k), v)}
     extend_from = None

@@ -10,6 +10,7 @@ A run folder holds:
                                       two are kept, so that a damaged newest one has a fallback
     checkpoints/last -> step-...      symlink to the newest complete checkpoint
     best.safetensors                  weights of the best validation epoch (+ best_ema.safetensors)
+    backbone.safetensors              `sarvit pretrain`: the evaluated backbone after the latest epoch
     summary.json                      written when the run finishes
     lock                              pid and host of the process training the run (lockf-ed)
 
@@ -33,6 +34,7 @@ from .errors import UserError
 
 __all__ = ["RunFolder", "RunLocked", "RunLock", "atomic_write", "fsync_dir", "remove", "run_folder_of", "TEMP_MARK"]
 
+BACKBONE = "backbone.safetensors"  # the backbone a `sarvit pretrain` run exports after every epoch
 TEMP_MARK = ".tmp-"  # every temporary name holds it: ``.<name>.tmp-<pid>``
 
 
@@ -53,6 +55,7 @@ class RunFolder:
     last = property(lambda self: self.root / "checkpoints" / "last")
     best = property(lambda self: self.root / "best.safetensors")
     best_ema = property(lambda self: self.root / "best_ema.safetensors")
+    backbone = property(lambda self: self.root / BACKBONE)
     summary = property(lambda self: self.root / "summary.json")
     lock = property(lambda self: self.root / "lock")
 

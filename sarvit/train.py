@@ -22,7 +22,7 @@ from .data import SeededTransform, build_loader, build_transform, open_dataset, 
 from .distributed import Dist
 from .engine import LoopState, SupervisedStep, TrainForward, evaluate, resolve_amp
 from .factory import create_model
-from .loop import BASE_RESUMABLE, Data, Plan, run, seed_everything
+from .loop import BASE_RESUMABLE, Data, Plan, epoch_text, run, seed_everything
 from .objectives import SupervisedObjective, build_objective, classification_loss, drloc_lambda_at, lambda_at
 from .runlog import read_metrics
 from .runs import RunFolder
@@ -44,18 +44,29 @@ class SupervisedTask:
     def __init__(self, cfg: TrainConfig, dist: Dist) -> None:
         self.cfg, self.dist = cfg, dist
         self.layout = resolved_layout(cfg)
+        self.loaded = None  # what --pretrained loaded (sarvit.pretrained.LoadReport)
+        if cfg.pretrained is not None:  # appendix E.4: the last block the backbone was pre-trained with
+            from .pretrained import finetune_layout, pretrained_layout
+
+            _check_pretrained_architecture(cfg)
+            self.layout = finetune_layout(pretrained_layout(cfg.pretrained), cfg.sar, cfg.layout)
 
     def default_output(self) -> str:
         return default_output(self.cfg)
 
     def build(self) -> None:
         cfg, dist = self.cfg, self.dist
-        self.data = _build_data(cfg, dist)
+        self.data = build_data(cfg, dist)
         seed_everything(cfg.seed)  # the same initial weights (and EMA copy) on every rank
         self.model = create_model(
             cfg.model, len(self.data.classes), img_size=cfg.img_size, drop_path=cfg.drop_path,
             model_kwargs=cfg.model_kwargs, layout=self.layout, query=cfg.query,
-        ).to(dist.device)
+        )
+        if cfg.pretrained is not None:
+            from .pretrained import load_pretrained
+
+            self.loaded = load_pretrained(self.model, cfg.pretrained, cfg.pretrained_which)
+        self.model.to(dist.device)
         self.amp = resolve_amp(cfg.amp, dist.device)
         (self.optimizer, self.scheduler, self.scaler, self.ema, mixup,
          self.objective) = _build_training(cfg, self.model, self.data, dist, self.amp)
@@ -87,7 +98,10 @@ class SupervisedTask:
         pass
 
     def banner(self, plan: Plan, dist: Dist) -> str:
-        return _banner(self.cfg, dist, self.data, self.layout, self, plan)
+        text = _banner(self.cfg, dist, self.data, self.layout, self, plan)
+        if self.loaded is not None and plan.resume_from is None:
+            text += "\n  pre-trained weights: " + self.loaded.text().replace("\n", "\n  ")
+        return text
 
     def epoch_line(self, row: dict[str, Any]) -> str:
         return _epoch_line(row)
@@ -112,7 +126,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
 # --- data, model, optimisation ----------------------------------------------------------------
 
 
-def _build_data(cfg: TrainConfig, dist: Dist) -> Data:
+def build_data(cfg: TrainConfig, dist: Dist) -> Data:
+    """The labelled training and validation data of ``cfg``, as the loop needs it."""
     from .data.classes import check_same_classes, class_count_warnings, class_counts
 
     raw_train = open_dataset(cfg.data, cfg.data_root, "train", cfg.download)
@@ -178,6 +193,21 @@ def _build_training(cfg: TrainConfig, model, data: Data, dist: Dist, amp: str):
     return optimizer, scheduler, scaler, ema, mixup, objective
 
 
+def _check_pretrained_architecture(cfg: TrainConfig) -> None:
+    """Refuse ``--pretrained`` weights whose sarvit metadata names another architecture than
+    ``--model``/``--model-kwargs`` (weights without metadata are checked key by key when loaded)."""
+    from .pretrained import weights_file
+
+    path = weights_file(cfg.pretrained)
+    meta = ckpt.read_metadata(path) if path.suffix == ".safetensors" else {}
+    theirs = {k: v for k, v in (meta.get("model_kwargs") or {}).items() if k != "dynamic_img_size"}
+    ours = {k: v for k, v in cfg.model_kwargs.items() if k != "dynamic_img_size"}
+    if meta.get("model") and (meta["model"], theirs) != (cfg.model, ours):
+        raise ConfigError(f"--pretrained {cfg.pretrained} holds a {meta['model']} with model_kwargs {theirs}, not "
+                          f"{cfg.model} with {ours}: pass --model {meta['model']} --model-kwargs "
+                          f"'{theirs}' (or the recipe the weights were trained with)")
+
+
 def _auxiliary_on(cfg: TrainConfig) -> bool:
     """Whether the run adds an auxiliary term: ``--sar false`` or a zero weight is the plain baseline."""
     return cfg.sar and (cfg.drloc_lambda if cfg.objective == "drloc" else cfg.lambda_) > 0
@@ -241,7 +271,8 @@ def _metadata(cfg: TrainConfig, classes: list, layout: str, model) -> dict[str, 
     return {
         "model": cfg.model, "model_kwargs": cfg.model_kwargs, "img_size": cfg.img_size, "num_classes": len(classes),
         "classes": classes, "layout": layout, "query": sar_block(model).query, "sar": cfg.sar,
-        "lambda": cfg.lambda_, "data": cfg.data, "objective": _objective_name(cfg),
+        "lambda": cfg.lambda_, "data": cfg.data, "objective": _objective_name(cfg), "task": "supervised",
+        "pretrained": cfg.pretrained,
     }
 
 
@@ -285,9 +316,7 @@ def _objective_text(cfg: TrainConfig) -> str:
 
 
 def _epoch_line(row: dict[str, Any]) -> str:
-    terms = [k.removeprefix("train_") for k in row if k.startswith("train_") and k != "train_loss"]
-    parts = ", ".join(f"{t} {row['train_' + t]:.4f}" for t in terms)
-    text = f"epoch {row['epoch']}: loss {row['train_loss']:.4f} ({parts}), {row['images_per_sec']:.0f} img/s"
+    text = epoch_text(row)
     if "val_top1" in row:
         text += (f" | val top-1 {row['val_top1']:.2f} top-5 {row['val_top5']:.2f} "
                  f"SE {row['val_se']:.3f} components/head {row['val_components']:.2f}")

@@ -4,7 +4,8 @@ import pytest
 import yaml
 
 from sarvit.config import (
-    FIELDS, RULES, ConfigError, TrainConfig, check_field, load_config, recipe_path, resolved_layout, to_dict,
+    FIELDS, RULES, ConfigError, TrainConfig, check_field, load_config, recipe_path, resolved_layout, task_fields,
+    to_dict,
     validate_with_libraries,
 )
 from sarvit.objectives import lambda_at
@@ -61,8 +62,9 @@ def test_every_shipped_recipe_is_valid():
     for name in names:
         text = resources.files("sarvit").joinpath("configs", name).read_text()
         assert text.startswith("#"), f"{name} needs a first-line description"
-        cfg = to_dict(load_config(name.removesuffix(".yaml")))
         written = yaml.safe_load(text)
+        command = {"dino": "pretrain", "mocov3": "pretrain", "linprobe": "linprobe"}.get(written.get("task"), "train")
+        cfg = to_dict(load_config(name.removesuffix(".yaml"), command=command))
         assert isinstance(written, dict)
         for key, value in written.items():  # every value of the file reaches the config, as a number where one
             expected = list(value) if isinstance(value, list) else value
@@ -152,13 +154,38 @@ BAD_VALUES = [
     ("data", "", "data must be a non-empty text"),
     ("epochs", "yes", "epochs: cannot read 'yes' as int"),
     ("epochs", "1e400", "epochs: cannot read '1e400' as int"),
+    # sarvit pretrain
+    ("global_crops_scale", "0.5,0.2", "global_crops_scale must be two numbers 0 < lo <= hi <= 1"),
+    ("local_crops_scale", "0,0.4", "local_crops_scale must be two numbers"),
+    ("local_crops_number", "-1", "local_crops_number must be >= 0"),
+    ("local_crop_size", "0", "local_crop_size must be >= 1"),
+    ("out_dim", "0", "out_dim must be >= 1"),
+    ("warmup_teacher_temp", "0", "warmup_teacher_temp must be > 0"),
+    ("teacher_temp", "-0.04", "teacher_temp must be > 0"),
+    ("warmup_teacher_temp_epochs", "-1", "warmup_teacher_temp_epochs must be >= 0"),
+    ("momentum_teacher", "1.5", "momentum_teacher must be in [0, 1]"),
+    ("freeze_last_layer", "-1", "freeze_last_layer must be >= 0"),
+    ("weight_decay_end", "-0.4", "weight_decay_end must be >= 0 or none"),
+    ("moco_dim", "0", "moco_dim must be >= 1"),
+    ("moco_mlp_dim", "0", "moco_mlp_dim must be >= 1"),
+    ("moco_t", "0", "moco_t must be > 0"),
+    ("moco_m", "nan", "moco_m must be a finite number in [0, 1]"),
+    ("moco_min_crop", "0", "moco_min_crop must be in (0, 1]"),
+    # sarvit linprobe
+    ("n_last_blocks", "0", "n_last_blocks must be >= 1"),
 ]
+
+# the command whose options these are (the others are sarvit train's)
+COMMAND_OF = {**{name: "pretrain" for name in task_fields("dino") if name not in task_fields("supervised")},
+              **{name: "linprobe" for name in task_fields("linprobe") if name not in task_fields("supervised")}}
 
 
 @pytest.mark.parametrize("option,value,message", BAD_VALUES)
 def test_every_bad_value_is_refused_naming_the_option(option, value, message):
+    command = COMMAND_OF.get(option, "train")
+    task = {"pretrain": {"task": "dino"}, "linprobe": {"pretrained": "run"}}.get(command, {})
     with pytest.raises(ConfigError) as caught:
-        load_config(None, {option: value})
+        load_config(None, {option: value, **task}, command=command)
     assert message in str(caught.value)
     assert str(caught.value).startswith(option)
 

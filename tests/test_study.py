@@ -106,13 +106,32 @@ def test_every_shipped_study_expands_and_its_runs_validate():
     folder = resources.files("sarvit").joinpath("studies")
     names = sorted(p.name.removesuffix(".yaml") for p in folder.iterdir() if p.name.endswith(".yaml"))
     assert {"cpu_fmnist_methods", "cpu_table1b_rows", "cpu_table1a_lambda", "cpu_stamps_jaccard",
-            "in100_table1a_lambda", "in100_table1b_rows", "in100_table3_fractions", "in1k_table4_drloc"} <= set(names)
+            "in100_table1a_lambda", "in100_table1b_rows", "in100_table3_fractions", "in1k_table4_drloc",
+            "cpu_fmnist_ssl"} <= set(names)
+    from sarvit.study.spec import config_options, probe_options
+
     for name in names:
         study = load_study(name, extra={"data_root": "/data"} if name.startswith("in") else None)
         assert len(study.runs) == len(study.cells) * len(study.methods) * len(study.seeds)
         assert len(study.seeds) >= 3, f"{name}: a comparison needs several seeds"
         for run in study.runs:
-            load_config(study.recipe, run.options)
+            load_config(study.recipe, config_options(run.options), command=study.run_command)
+            if study.probe is not None:
+                load_config(study.probe.recipe, probe_options(study.probe, run), command="linprobe")
+
+
+def test_the_ssl_study_compares_each_family_with_sar_against_its_own_baseline():
+    from sarvit.study.spec import config_options
+
+    study = load_study("cpu_fmnist_ssl")
+    assert study.run_command == "pretrain" and study.probe is not None and study.cells == ["DINO", "MoCo v3"]
+    seen = {}
+    for run in study.runs:
+        cfg = load_config(study.recipe, config_options(run.options), command="pretrain")
+        seen.setdefault((run.cell, run.method), set()).add((cfg.task, cfg.sar))
+    assert seen == {("DINO", "no SAR"): {("dino", False)}, ("DINO", "SAR"): {("dino", True)},
+                    ("MoCo v3", "no SAR"): {("mocov3", False)}, ("MoCo v3", "SAR"): {("mocov3", True)}}
+    assert study.baseline == "no SAR" and [r.seed for r in study.runs[:3]] == [0, 1, 2]
 
 
 def test_table1b_rows_are_the_papers_layouts():
@@ -278,3 +297,209 @@ def test_unwritable_output_missing_masks_and_a_foreign_report_are_refused_at_sta
     (tmp_path / "theirs" / "study.txt").write_text("another\n")
     with pytest.raises(ConfigError, match="holds the report of the study 'another'"):
         check_runs(load_study(spec, tmp_path / "theirs"))
+
+
+# --- pretrain studies: sarvit pretrain, then a linear probe ------------------------------------------
+
+
+def ssl_study(tmp_path: Path, data: Path, probe_options: dict | None = None, **spec) -> Path:
+    """A study of two tiny DINO runs (with and without SAR) a seed, each probed for one epoch."""
+    kwargs = yaml.safe_load(TINY_MODEL[TINY_MODEL.index("--model-kwargs") + 1])
+    options = {"data": str(data), "model": "vit_tiny_patch16_224", "model_kwargs": kwargs, "img_size": 16,
+               "local_crop_size": 8, "local_crops_number": 2, "per_class": 12, "val_per_class": 5, "epochs": 1,
+               "batch_size": 8, "out_dim": 64, "warmup_epochs": 0, "warmup_teacher_temp_epochs": 0,
+               "eval_interval": 1, "device": "cpu"}
+    probe = {"data": str(data), "img_size": 16, "per_class": 12, "val_per_class": 5, "n_last_blocks": 2, "epochs": 1,
+             "batch_size": 8, "eval_interval": 1, "device": "cpu", **(probe_options or {})}
+    base = {"command": "pretrain", "recipe": "fashion_mnist_dino_cpu", "options": options,
+            "methods": {"dino": {"method": "dino", "sar": False}, "dino_sar": {"method": "dino", "sar": True}},
+            "baseline": "dino", "probe": {"recipe": "fashion_mnist_linprobe_cpu", "options": probe}}
+    base.update(spec)
+    return write_study(tmp_path / "ssl.yaml", **base)
+
+
+def test_pretrain_and_probe_commands(tmp_path):
+    from sarvit.study.runner import commands_of, probe_command
+
+    study = load_study(ssl_study(tmp_path, tmp_path / "data", {"epochs": 3}), tmp_path / "out")
+    assert study.run_command == "pretrain" and len(study.runs) == 4
+    run = study.runs[3]
+    assert (run.method, run.seed) == ("dino_sar", 1) and run.probe == run.folder / "linprobe"
+    command = train_command(study, run)
+    assert command[:5] == [sys.executable, "-m", "sarvit", "pretrain", "--config"]
+    assert Path(command[5]).name == "fashion_mnist_dino_cpu.yaml"
+    assert command[command.index("--method") + 1] == "dino" and command[command.index("--sar") + 1] == "true"
+    assert command[-4:] == ["--output", str(run.folder.resolve()), "--resume", "auto"]
+    probe = probe_command(study, run)
+    assert probe[:5] == [sys.executable, "-m", "sarvit", "linprobe", "--config"]
+    assert Path(probe[5]).name == "fashion_mnist_linprobe_cpu.yaml"
+    assert probe[probe.index("--epochs") + 1] == "3"
+    assert probe[-8:] == ["--checkpoint", str(run.folder.resolve()), "--output",
+                          str((run.folder / "linprobe").resolve()), "--seed", "1", "--resume", "auto"]
+    assert [stage for stage, _ in commands_of(study, run)] == ["train", "probe"]
+    # the commands parse: each is the configuration the study checked
+    from sarvit.cli import build_parser
+    from sarvit.config import FIELDS
+
+    def parsed(argv, command):
+        args = build_parser().parse_args(argv)
+        return load_config(args.config, {k: v for k, v in vars(args).items() if k in FIELDS}, command=command)
+
+    cfg = parsed(command[3:], "pretrain")
+    assert (cfg.task, cfg.sar, cfg.seed, cfg.img_size, cfg.out_dim) == ("dino", True, 1, 16, 64)
+    assert cfg.model_kwargs == yaml.safe_load(TINY_MODEL[TINY_MODEL.index("--model-kwargs") + 1])
+    cfg = parsed(probe[3:], "linprobe")
+    assert (cfg.task, cfg.pretrained, cfg.seed, cfg.epochs, cfg.n_last_blocks) == (
+        "linprobe", str(run.folder.resolve()), 1, 3, 2)
+    # --set probe.X sets it in every probe, --set X in every pre-training
+    again = load_study(ssl_study(tmp_path, tmp_path / "data"), tmp_path / "out", extra={"probe.epochs": "4",
+                                                                                        "epochs": "2"})
+    assert again.probe.options["epochs"] == 4 and again.runs[0].options["epochs"] == 2
+    assert again.runs[0].id != study.runs[0].id
+
+
+@pytest.mark.parametrize("spec, message", [
+    ({"probe": {"recipe": "fashion_mnist_linprobe_cpu", "options": {"epochs": 0}}},
+     "probe: epochs must be >= 1; got 0"),
+    ({"probe": {"recipe": "fashion_mnist_linprobe_cpu", "options": {"seed": 3}}}, "'seed' is set by the study itself"),
+    ({"probe": {"recipe": "fashion_mnist_linprobe_cpu", "options": {"checkpoint": "x"}}},
+     "'checkpoint' is set by the study itself"),
+    ({"probe": {"recipe": "fashion_mnist_linprobe_cpu", "options": {"mixup": 0.5}}},
+     "not an option of `sarvit linprobe`"),
+    ({"probe": {"options": {}}}, "probe.recipe must name a sarvit linprobe recipe"),
+    ({"probe": {"recipe": "fashion_mnist_linprobe_cpu", "epochs": 3}}, "probe: unknown key(s) epochs"),
+    ({"command": "finetune"}, "command must be one of train, pretrain"),
+    ({"command": "train"}, "probe: only a pretrain study"),
+    ({"methods": {"x": {"method": "supervised"}}, "baseline": "x"}, "task supervised is `sarvit train`'s"),
+    ({"methods": {"x": {"mixup": 0.2}}, "baseline": "x"}, "not an option of `sarvit pretrain`"),
+])
+def test_bad_pretrain_studies_are_refused_before_anything_runs(tmp_path, spec, message):
+    with pytest.raises(ConfigError) as err:
+        load_study(ssl_study(tmp_path, tmp_path / "data", **spec), tmp_path / "out")
+    assert message in str(err.value)
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_probe_option_only_the_libraries_refuse_stops_the_study_with_nothing_written(tmp_path, capsys):
+    from sarvit.cli import main
+
+    spec = ssl_study(tmp_path, make_image_folder(tmp_path / "data"), {"model": "no_such_model"})
+    capsys.readouterr()
+    assert main(["study", str(spec), "--output", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert "probe:" in err and "no_such_model" in err and "Traceback" not in err
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.fixture(scope="module")
+def ssl_runs(tmp_path_factory):
+    """The tiny pretrain study, run once: 2 methods x 2 seeds, each pre-trained and probed for one epoch."""
+    root = tmp_path_factory.mktemp("ssl")
+    data = make_image_folder(root / "data", val=20)  # 80 probe images: top-1 in steps of 1.25
+    # a slow probe (lr 0.003, one epoch) stops at a different top-1 for each backbone: a difference with a spread
+    study = load_study(ssl_study(root, data, {"val_per_class": None, "lr": 0.003}, seeds=[0, 1],
+                                 attention={"images": 2}), root / "out")
+    lines = []
+    failed = run_study(study, jobs=2, threads=1, say=lines.append)
+    return study, failed, lines
+
+
+def test_a_pretrain_study_pretrains_then_probes_every_run(ssl_runs):
+    study, failed, lines = ssl_runs
+    assert failed == [] and all(status_of(r) == "finished" for r in study.runs)
+    for run in study.runs:
+        saved = yaml.safe_load(RunFolder(run.folder).config.read_text())
+        assert (saved["task"], saved["sar"], saved["seed"]) == ("dino", run.method == "dino_sar", run.seed)
+        probe = yaml.safe_load(RunFolder(run.probe).config.read_text())
+        assert (probe["task"], probe["seed"], probe["epochs"]) == ("linprobe", run.seed, 1)
+        assert Path(probe["pretrained"]) == run.folder.resolve()
+        log = (study.runs_dir / "logs" / f"{run.id}.log").read_text()
+        assert log.count("-m sarvit pretrain ") == log.count("-m sarvit linprobe ") == 1
+        assert log.index("-m sarvit pretrain ") < log.index("-m sarvit linprobe ")  # one log, pre-training first
+    assert sum("probing" in line for line in lines) == 4
+    assert any(line.startswith("[") and "finished dino_sar | seed 1" in line and "probe top-1" in line
+               for line in lines)
+
+
+def test_a_finished_run_with_an_unfinished_probe_is_completed_without_retraining(ssl_runs):
+    study, _, _ = ssl_runs
+    gone, cut = study.runs[0], study.runs[3]
+    import shutil
+
+    shutil.rmtree(gone.probe)  # never probed
+    RunFolder(cut.probe).summary.unlink()  # probed up to its last checkpoint, then stopped
+    pretrain_stamps = {r.id: (RunFolder(r.folder).summary.stat().st_mtime_ns, RunFolder(r.folder).metrics.read_text())
+                       for r in study.runs}
+    assert status_of(gone) == status_of(cut) == "interrupted"
+    lines = []
+    assert run_study(study, say=lines.append) == []
+    assert "4 runs (2 finished, 2 to resume, 0 new)" in lines[0]
+    assert sum("probing" in line for line in lines) == 2 and not any("starting" in line for line in lines)
+    assert all(status_of(r) == "finished" for r in study.runs)
+    for r in study.runs:  # no pre-training ran again
+        assert (RunFolder(r.folder).summary.stat().st_mtime_ns, RunFolder(r.folder).metrics.read_text()) \
+            == pretrain_stamps[r.id]
+    for run in (gone, cut):
+        log = (study.runs_dir / "logs" / f"{run.id}.log").read_text()
+        assert log.count("-m sarvit pretrain ") == 1 and log.count("-m sarvit linprobe ") == 2
+
+
+def test_a_probe_edited_after_it_ran_is_refused_at_start(ssl_runs, tmp_path):
+    from sarvit.study.runner import check_runs
+
+    study, _, _ = ssl_runs
+    edited = dataclasses.replace(study, probe=dataclasses.replace(study.probe, options={**study.probe.options,
+                                                                                          "epochs": 2}))
+    with pytest.raises(ConfigError, match=r"was made with other options \(epochs 1 -> 2\)"):
+        check_runs(edited)
+    check_runs(study)  # the options it was made with
+
+
+def test_the_report_of_a_pretrain_study_holds_the_probes_numbers(ssl_runs, tmp_path):
+    import csv
+    import math
+
+    import numpy as np
+    from scipy import stats
+
+    from sarvit.study.report import write_report
+
+    study, _, _ = ssl_runs
+    path = write_report(study, tmp_path / "report")
+    probe = {r.id: json.loads(RunFolder(r.probe).summary.read_text())["final"] for r in study.runs}
+    pretrain = {r.id: json.loads(RunFolder(r.folder).summary.read_text()) for r in study.runs}
+    rows = {row["id"]: row for row in csv.DictReader(open(path.parent / "runs.csv"))}
+    for run in study.runs:  # every digit, as the runs wrote them
+        row = rows[run.id]
+        assert row["status"] == row["probe_status"] == "finished"
+        assert float(row["probe_val_top1"]) == probe[run.id]["top1"]
+        assert float(row["probe_val_top5"]) == probe[run.id]["top5"]
+        assert float(row["final_val_knn_top1"]) == pretrain[run.id]["final"]["knn_top1"]
+        assert float(row["best_val_knn_top1"]) == pretrain[run.id]["best_knn_top1"]
+        assert float(row["final_val_se"]) == pretrain[run.id]["final"]["se"]
+    text = path.read_text()
+    table = text.split("### all runs")[1].split("\n\n")[1]
+    cells = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[1:-1]]
+             for line in table.splitlines() if line.startswith("| ") and not line.startswith("| method")}
+
+    def of(method, value):
+        return [value(r) for r in study.runs if r.method == method]  # seeds 0, 1 in order
+
+    base, sar = of("dino", lambda r: probe[r.id]["top1"]), of("dino_sar", lambda r: probe[r.id]["top1"])
+    assert cells["dino"][2] == f"{np.mean(base):.2f} ± {np.std(base, ddof=1):.2f}"
+    assert cells["dino_sar"][2] == f"{np.mean(sar):.2f} ± {np.std(sar, ddof=1):.2f}"
+    test = stats.ttest_rel(sar, base)
+    mean = np.mean(np.subtract(sar, base))
+    interval = test.confidence_interval(0.95)
+    if math.isnan(interval.low):  # the same difference on both seeds: no interval
+        assert cells["dino_sar"][3] == f"{mean:+.2f} [n/a: the same on every seed]"
+    else:
+        assert cells["dino_sar"][3] == f"{mean:+.2f} [{interval.low:+.2f}, {interval.high:+.2f}]"
+    assert cells["dino_sar"][5] == ("n/a" if math.isnan(test.pvalue) else f"{test.pvalue:.3g}")
+    assert cells["dino_sar"][4] == "2" and cells["dino"][3] == "(baseline)"
+    knn = of("dino", lambda r: pretrain[r.id]["final"]["knn_top1"])
+    assert cells["dino"][6] == f"{np.mean(knn):.2f} ± {np.std(knn, ddof=1):.2f}"
+    assert not math.isnan(float(cells["dino_sar"][10].split()[0]))  # the backbone's SE
+    figures = sorted(p.name for p in (path.parent / "figures").glob("*.png"))
+    assert figures == ["attention.png", "curves-01-all.png"]
+    assert "probed by `sarvit linprobe`" in text and "Spatial entropy per head" not in text

@@ -308,3 +308,71 @@ def test_real_runs_attention_figure_and_jaccard(tmp_path):
     assert "+" in next(line for line in jaccard.splitlines() if line.startswith("| SAR |"))  # n = 1 pair: mean only
     page = (path.parent / "report.html").read_text()
     assert len(re.findall(r'<img [^>]*src="data:image/png;base64,', page)) == 2  # curves + attention
+
+
+# --- pretrain studies: k-NN from the pre-training, top-1 from its probe ---------------------------------
+
+# (final k-NN top-1, probe top-1) per (method, seed)
+SSL = {("dino", 0): (40.0, 60.0), ("dino", 1): (44.0, 62.0), ("dino", 2): (48.0, 70.0),
+       ("dino_sar", 0): (41.0, 63.0), ("dino_sar", 1): (46.0, 63.0), ("dino_sar", 2): (47.0, None)}
+
+
+def fake_pretrain_run(folder: Path, method: str, seed: int) -> None:
+    """A pre-training run folder written by hand (two epochs, the first one best by k-NN) and its probe."""
+    knn, probe = SSL[(method, seed)]
+    folder.mkdir(parents=True)
+    (folder / "config.yaml").write_text(yaml.safe_dump({"task": "dino", "seed": seed, "sar": method == "dino_sar",
+                                                        "data": "somewhere", "epochs": 2}))
+    rows = [{"epoch": e, "train_dino": 9.0 - e, "train_loss": 9.0 - e, "epoch_time": 10.0,
+             "val_knn_top1": knn + (5.0 if e == 1 else 0.0), "val_se": 0.5 + 0.1 * seed, "val_components": 2.0}
+            for e in (1, 2)]
+    (folder / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (folder / "summary.json").write_text(json.dumps({"final": {"knn_top1": knn}}))
+    if probe is None:
+        return
+    (folder / "linprobe").mkdir()
+    (folder / "linprobe" / "config.yaml").write_text(yaml.safe_dump({"task": "linprobe", "seed": seed}))
+    row = {"epoch": 1, "train_loss": 1.0, "epoch_time": 4.0, "val_top1": probe, "val_top5": 100.0, "val_se": 0.5,
+           "val_components": 2.0}
+    (folder / "linprobe" / "metrics.jsonl").write_text(json.dumps(row) + "\n")
+    (folder / "linprobe" / "summary.json").write_text(json.dumps({"final": {"top1": probe}}))
+
+
+def test_pretrain_report_numbers_by_hand(tmp_path):
+    from sarvit.study.spec import Probe
+
+    runs = []
+    for method in ("dino", "dino_sar"):
+        for seed in (0, 1, 2):
+            folder = tmp_path / "runs" / f"{method}-{seed}"
+            fake_pretrain_run(folder, method, seed)
+            runs.append(Run(id=f"{method}-{seed}", method=method, cell="", seed=seed,
+                            options={"method": "dino", "sar": method == "dino_sar", "seed": seed}, folder=folder,
+                            probe=folder / "linprobe"))
+    study = Study(name="ssl", title="DINO against DINO + SAR (fake runs)", description="", recipe="stamps_cpu",
+                  methods=["dino", "dino_sar"], baseline="dino", cells=[""], seeds=[0, 1, 2], runs=runs,
+                  command="sarvit study ssl.yaml", run_command="pretrain", probe=Probe("stamps_cpu", {"epochs": 1}))
+    path = write_report(study, tmp_path / "report")
+    text = path.read_text()
+    rows = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[1:-1]]
+            for line in _section(text, "### all runs").splitlines() if line.startswith("| ")}
+    base, sar = rows["dino"], rows["dino_sar"]
+    # probe top-1: dino 60, 62, 70 -> 64 +- sqrt(28); dino_sar 63, 63 (seed 2 not probed) -> d = [3, 1]
+    assert base[1:4] == ["3", f"64.00 ± {math.sqrt(28):.2f}", "(baseline)"]
+    assert sar[1:3] == ["2", "63.00 ± 0.00"]
+    half = T_975_1 * math.sqrt(2) / math.sqrt(2)  # d = [3, 1]: mean 2, sd sqrt(2)
+    assert sar[3] == f"+2.00 [{2 - half:+.2f}, {2 + half:+.2f}]" and sar[4] == "2"
+    assert sar[5] == f"{1 - 2 * math.atan(2) / math.pi:.3g}"  # t = 2 on 1 degree of freedom
+    # k-NN top-1 of the finished (probed) runs: dino 40, 44, 48; dino_sar 41, 46 -> d = [1, 2]
+    assert base[6] == "44.00 ± 4.00" and sar[6] == f"43.50 ± {math.sqrt(12.5):.2f}"
+    assert sar[7] == f"+1.50 [{1.5 - T_975_1 * math.sqrt(0.5) / math.sqrt(2):+.2f}, " \
+                     f"{1.5 + T_975_1 * math.sqrt(0.5) / math.sqrt(2):+.2f}]"
+    assert base[9] == "49.00 ± 4.00"  # best epoch: the first, 5 points higher
+    assert base[12] == "24.0 s"  # two pre-training epochs of 10 s and a probe epoch of 4 s
+    table = {r["id"]: r for r in csv.DictReader(open(path.parent / "runs.csv"))}
+    assert table["dino_sar-2"]["status"] == "unfinished" and table["dino_sar-2"]["probe_status"] == "missing"
+    assert table["dino_sar-2"]["probe_val_top1"] == "" and float(table["dino_sar-2"]["final_val_knn_top1"]) == 47.0
+    assert float(table["dino-1"]["probe_val_top1"]) == 62.0 and float(table["dino-1"]["best_val_knn_top1"]) == 49.0
+    assert "`dino_sar-2` (dino_sar, all runs, seed 2): unfinished (pre-trained; its probe is missing)" in text
+    with Image.open(path.parent / "figures" / "curves-01-all.png") as im:
+        assert im.format == "PNG" and im.width > 3 * 400  # three panels: the DINO loss, k-NN top-1, SE

@@ -159,6 +159,7 @@ def build_loader(
     world: int = 1,
     workers: int = 0,
     pin_memory: bool = False,
+    collate_fn=None,
 ) -> tuple[DataLoader, EpochSampler]:
     """A DataLoader over ``dataset`` and the sampler that drives it (call ``set_epoch``).
 
@@ -174,6 +175,7 @@ def build_loader(
         pin_memory=pin_memory,
         drop_last=train,
         persistent_workers=workers > 0,
+        collate_fn=collate_fn,  # None: torch's default
         # a private generator: creating an iterator must not draw from the global RNG
         generator=torch.Generator().manual_seed(seed),
     )

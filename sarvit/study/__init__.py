@@ -1,4 +1,5 @@
-"""``sarvit study``: run a grid of trainings over seeds and write the evidence.
+"""``sarvit study``: run a grid of trainings over seeds and write the evidence (``command:
+pretrain``: self-supervised pre-trainings, each followed by a linear probe).
 
 Modules: ``spec`` (the study file -> runs with stable folders), ``runner`` (runs them,
 skipping finished ones, resuming interrupted ones), ``stats`` (paired comparisons over

@@ -1,7 +1,8 @@
 """Figures of a study. They draw what :mod:`.stats` computed; nothing is computed here.
 
 ``plot_cell_curves`` draws, for one grid cell, validation top-1 and validation spatial
-entropy against epochs: one line per method (the mean over seeds) inside a band from the
+entropy against epochs (a pretrain study: the training loss terms, the 20-NN top-1 and the
+spatial entropy): one line per method (the mean over seeds) inside a band from the
 smallest to the largest seed's value.
 """
 
@@ -12,13 +13,19 @@ from typing import Mapping
 
 from .stats import Band
 
-__all__ = ["CURVE_PANELS", "plot_cell_curves", "save_png"]
+__all__ = ["CURVE_PANELS", "TRAIN_PANELS", "PRETRAIN_PANELS", "plot_cell_curves", "save_png"]
 
 # metrics.jsonl key -> panel title and axis label
 CURVE_PANELS = {
     "val_top1": ("validation top-1", "top-1 (%)"),
     "val_se": ("validation spatial entropy (last block)", "entropy (nats)"),
+    "train_dino": ("DINO loss (training)", "loss"),
+    "train_moco": ("MoCo v3 loss (training)", "loss"),
+    "train_se": ("SE term (training, before lambda)", "entropy (nats)"),
+    "val_knn_top1": ("validation 20-NN top-1", "top-1 (%)"),
 }
+TRAIN_PANELS = ("val_top1", "val_se")  # a train study's panels
+PRETRAIN_PANELS = ("train_dino", "train_moco", "train_se", "val_knn_top1", "val_se")  # those a pretrain run logs
 
 
 def plot_cell_curves(panels: Mapping[str, Mapping[str, Band]], title: str):
@@ -27,8 +34,12 @@ def plot_cell_curves(panels: Mapping[str, Mapping[str, Band]], title: str):
     from matplotlib.figure import Figure
     from matplotlib.ticker import MaxNLocator
 
-    fig = Figure(figsize=(5.2 * len(panels), 4.0), layout="constrained")
-    axes = fig.subplots(1, len(panels), squeeze=False)[0]
+    columns = min(len(panels), 3)
+    lines = -(-len(panels) // columns)
+    fig = Figure(figsize=(5.2 * columns, 4.0 * lines), layout="constrained")
+    axes = fig.subplots(lines, columns, squeeze=False).ravel()
+    for ax in axes[len(panels):]:
+        ax.set_visible(False)
     for ax, (key, bands) in zip(axes, panels.items()):
         heading, ylabel = CURVE_PANELS[key]
         for i, (method, b) in enumerate(bands.items()):

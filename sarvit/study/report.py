@@ -9,9 +9,17 @@ Reads the run folders of a :class:`~.spec.Study` (``config.yaml``, ``metrics.jso
     report.md           the report, GitHub-renderable, figures linked relatively
     report.html         the same report in one file: figures as data URIs, CSS inline, no script
 
-A run is finished when its ``summary.json`` exists. Runs that are missing or unfinished are
-listed, and every number is computed from the runs that finished (a paired difference over
-the seeds where both methods finished). Every file is written atomically.
+A run is finished when its ``summary.json`` exists (and, in a pretrain study with a probe,
+its probe's). Runs that are missing or unfinished are listed, and every number is computed
+from the runs that finished (a paired difference over the seeds where both methods
+finished). Every file is written atomically.
+
+A pretrain study's headline metric is the linear probe's final validation top-1 (the
+k-NN top-1 without a probe); beside it the pre-training's final 20-NN top-1, the
+backbone's spatial entropy and components, and curves of the pre-training's loss terms
+and k-NN top-1. Its attention figure and Jaccard use each run's exported backbone
+(``backbone.safetensors`` for ``last``, ``best.safetensors`` for ``best``); the per-head
+table is left out (it evaluates a classifier).
 """
 
 from __future__ import annotations
@@ -48,6 +56,10 @@ BEST_EPOCH_CAVEAT = ("best-epoch top-1 picks the epoch with the best validation 
 FIXED_COLUMNS = ["id", "method", "cell", "seed", "status"]
 METRIC_COLUMNS = ["final_val_top1", "final_val_top5", "best_val_top1", "best_epoch", "final_val_se",
                   "final_val_components"]
+PRETRAIN_COLUMNS = ["final_val_knn_top1", "best_val_knn_top1", "best_epoch", "final_val_se", "final_val_components"]
+PROBE_COLUMNS = ["probe_status", "probe_val_top1", "probe_val_top5", "probe_val_se", "probe_val_components",
+                 "probe_wall_time_s"]
+SSL_TASKS = ("dino", "mocov3")
 
 
 # --- what a run folder says ---------------------------------------------------------------------
@@ -67,10 +79,18 @@ class RunRecord:
     epochs_done: int = 0
     curves: dict = field(default_factory=dict)  # key -> (epochs, values), keys of figures.CURVE_PANELS
     config: dict = field(default_factory=dict)  # its config.yaml
+    probe_status: str = ""  # of its linear probe (pretrain studies with a probe): as ``status``
+    probe: dict = field(default_factory=dict)  # the probe's last evaluated epoch's val_* values
+    probe_wall_seconds: float = math.nan
 
     @property
     def finished(self) -> bool:
         return self.status == "finished"
+
+    @property
+    def pretrained(self) -> bool:
+        """A ``sarvit pretrain`` run (DINO or MoCo v3)."""
+        return self.config.get("task") in SSL_TASKS
 
 
 def _status(folder: RunFolder) -> str:
@@ -79,21 +99,34 @@ def _status(folder: RunFolder) -> str:
     return "unfinished" if folder.holds_run() else "missing"
 
 
+def _last_evaluated(rows: list[dict], key: str) -> dict:
+    """The ``val_*`` values of the last row that holds ``key``."""
+    evaluated = [r for r in rows if key in r]
+    return {k: v for k, v in evaluated[-1].items() if k.startswith("val_")} if evaluated else {}
+
+
 def read_run(run) -> RunRecord:
-    """Read ``run.folder``: status, final and best validation values, training terms, wall time."""
+    """Read ``run.folder`` (and ``run.probe``): status, final and best validation values, training terms,
+    wall time."""
     from .figures import CURVE_PANELS
 
     folder = RunFolder(run.folder)
     record = RunRecord(run, _status(folder))
+    probe = getattr(run, "probe", None)
+    if probe is not None:
+        _read_probe(record, RunFolder(probe))
+        if record.finished and record.probe_status != "finished":
+            record.status = "unfinished"  # pre-trained, not probed yet
     if record.status == "missing":
         return record
     record.config = folder.read_config(f"the run {run.id} has a damaged config.yaml")
     rows = [r for r in read_metrics(folder.metrics) if "epoch" in r]
-    evaluated = [r for r in rows if "val_top1" in r]
+    score = "val_knn_top1" if record.pretrained else "val_top1"
+    evaluated = [r for r in rows if score in r]
     if evaluated:
-        record.final = {k: v for k, v in evaluated[-1].items() if k.startswith("val_")}
-        best = max(evaluated, key=lambda r: r["val_top1"])  # the first of equal values, as training keeps it
-        record.best_top1, record.best_epoch = best["val_top1"], best["epoch"]
+        record.final = _last_evaluated(rows, score)
+        best = max(evaluated, key=lambda r: r[score])  # the first of equal values, as training keeps it
+        record.best_top1, record.best_epoch = best[score], best["epoch"]
     if rows:
         record.train = {k: v for k, v in rows[-1].items() if k.startswith("train_")}
         record.wall_seconds = float(sum(r.get("epoch_time", 0.0) for r in rows))
@@ -102,6 +135,15 @@ def read_run(run) -> RunRecord:
         points = [(r["epoch"], r[key]) for r in rows if key in r]
         record.curves[key] = ([p[0] for p in points], [p[1] for p in points])
     return record
+
+
+def _read_probe(record: RunRecord, folder: RunFolder) -> None:
+    record.probe_status = _status(folder)
+    if record.probe_status == "missing":
+        return
+    rows = [r for r in read_metrics(folder.metrics) if "epoch" in r]
+    record.probe = _last_evaluated(rows, "val_top1")
+    record.probe_wall_seconds = float(sum(r.get("epoch_time", 0.0) for r in rows)) if rows else math.nan
 
 
 # --- options ------------------------------------------------------------------------------------
@@ -133,18 +175,33 @@ def option_split(options: list[dict]) -> tuple[dict, list[str]]:
 # --- runs.csv ---------------------------------------------------------------------------------
 
 
-def runs_table(records: list[RunRecord]) -> tuple[list[str], list[list[str]]]:
+def _metric_values(r: RunRecord, pretrain: bool, probed: bool) -> list:
+    """The values of :data:`METRIC_COLUMNS` (train) or :data:`PRETRAIN_COLUMNS` (+ :data:`PROBE_COLUMNS`)."""
+    if not pretrain:
+        return [r.final.get("val_top1"), r.final.get("val_top5"), r.best_top1, r.best_epoch,
+                r.final.get("val_se"), r.final.get("val_components")]
+    values = [r.final.get("val_knn_top1"), r.best_top1, r.best_epoch, r.final.get("val_se"),
+              r.final.get("val_components")]
+    if probed:
+        values += [r.probe_status, r.probe.get("val_top1"), r.probe.get("val_top5"), r.probe.get("val_se"),
+                   r.probe.get("val_components"), r.probe_wall_seconds]
+    return values
+
+
+def runs_table(records: list[RunRecord], pretrain: bool = False) -> tuple[list[str], list[list[str]]]:
     """Header and rows of ``runs.csv``: one row per run, the options that vary across the study,
-    the final and best validation metrics, every final training term, wall time and epochs. An option a
-    run did not set shows the value its ``config.yaml`` holds (the recipe's or the default)."""
+    the final and best validation metrics (``pretrain``: k-NN, and the probe's when probed), every final
+    training term, wall time and epochs. An option a run did not set shows the value its ``config.yaml``
+    holds (the recipe's or the default)."""
     _, varying = option_split([r.run.options for r in records])
     varying = [v for v in varying if v not in FIXED_COLUMNS]
     terms = sorted({k for r in records for k in r.train})
-    header = [*FIXED_COLUMNS, *varying, *METRIC_COLUMNS, *terms, "wall_time_s", "epochs_done"]
+    probed = any(getattr(r.run, "probe", None) is not None for r in records)
+    metrics = [*PRETRAIN_COLUMNS, *(PROBE_COLUMNS if probed else [])] if pretrain else METRIC_COLUMNS
+    header = [*FIXED_COLUMNS, *varying, *metrics, *terms, "wall_time_s", "epochs_done"]
     rows = []
     for r in records:
-        values = [r.final.get("val_top1"), r.final.get("val_top5"), r.best_top1, r.best_epoch,
-                  r.final.get("val_se"), r.final.get("val_components")]
+        values = _metric_values(r, pretrain, probed)
         rows.append([r.run.id, r.run.method, r.run.cell, str(r.run.seed), r.status,
                      *(_text(r.run.options[v] if v in r.run.options else r.config.get(v)) for v in varying),
                      *(_number(v) for v in values), *(_number(r.train.get(t)) for t in terms),
@@ -213,6 +270,50 @@ def compare(records: list[RunRecord], cell: str, methods: list[str], baseline: s
     return rows
 
 
+@dataclass(frozen=True)
+class PretrainRow:
+    """One method of a pretrain study in one cell: the probe's top-1 (``None`` unprobed) and the k-NN top-1,
+    each with its paired difference to the baseline, and the backbone's SE and components."""
+
+    method: str
+    probe: Spread | None
+    probe_difference: PairedDifference | None  # None for the baseline itself, or unprobed
+    knn: Spread
+    knn_difference: PairedDifference | None
+    best_knn: Spread
+    se: Spread
+    components: Spread
+    wall: Spread  # pre-training and probe
+
+
+def _spread_and_difference(in_cell: list[RunRecord], method: str, baseline: str, value):
+    mine = [r for r in in_cell if r.run.method == method]
+    reference = _by_seed([r for r in in_cell if r.run.method == baseline], value)
+    return (spread([value(r) for r in mine]),
+            None if method == baseline else paired_difference(_by_seed(mine, value), reference))
+
+
+def compare_pretrain(records: list[RunRecord], cell: str, methods: list[str], baseline: str,
+                     probed: bool) -> list[PretrainRow]:
+    """The rows of the comparison table of ``cell`` in a pretrain study, one per method in ``methods`` order."""
+    in_cell = [r for r in records if r.run.cell == cell and r.finished]
+    probe_top1 = lambda r: r.probe.get("val_top1", math.nan)  # noqa: E731
+    knn = lambda r: r.final.get("val_knn_top1", math.nan)  # noqa: E731
+    wall = lambda r: r.wall_seconds + (r.probe_wall_seconds if probed else 0.0)  # noqa: E731
+    rows = []
+    for method in methods:
+        mine = [r for r in in_cell if r.run.method == method]
+        probe, probe_difference = _spread_and_difference(in_cell, method, baseline, probe_top1) if probed else (
+            None, None)
+        rows.append(PretrainRow(method, probe, probe_difference,
+                                *_spread_and_difference(in_cell, method, baseline, knn),
+                                best_knn=spread([r.best_top1 for r in mine]),
+                                se=spread([r.final.get("val_se", math.nan) for r in mine]),
+                                components=spread([r.final.get("val_components", math.nan) for r in mine]),
+                                wall=spread([wall(r) for r in mine])))
+    return rows
+
+
 def _mean_std(s: Spread, digits: int = 2) -> str:
     if s.n == 0:
         return "n/a"
@@ -256,6 +357,24 @@ def comparison_table(rows: list[MethodRow]) -> list[list[str]]:
     return [[r.method, str(r.top1.n), _mean_std(r.top1), _difference(r.difference),
              "" if r.difference is None else str(r.difference.n), _p_value(r.difference), _mean_std(r.best_top1),
              _mean_std(r.se, 3), _mean_std(r.components), _duration(r.wall)] for r in rows]
+
+
+def pretrain_header(probed: bool) -> list[str]:
+    headline = "probe top-1" if probed else "k-NN top-1"
+    return ["method", "seeds", f"final {headline} (%)", f"Δ {headline} vs baseline [95% CI]", "pairs", "p",
+            *(["final k-NN top-1 (%)", "Δ k-NN top-1 [95% CI]", "p (k-NN)"] if probed else []),
+            "best-epoch k-NN top-1 (%) †", "backbone SE", "components/head", "time / run ‡"]
+
+
+def pretrain_table(rows: list[PretrainRow]) -> list[list[str]]:
+    out = []
+    for r in rows:
+        head, head_difference = (r.probe, r.probe_difference) if r.probe is not None else (r.knn, r.knn_difference)
+        knn = [] if r.probe is None else [_mean_std(r.knn), _difference(r.knn_difference), _p_value(r.knn_difference)]
+        out.append([r.method, str(head.n), _mean_std(head), _difference(head_difference),
+                    "" if head_difference is None else str(head_difference.n), _p_value(head_difference), *knn,
+                    _mean_std(r.best_knn), _mean_std(r.se, 3), _mean_std(r.components), _duration(r.wall)])
+    return out
 
 
 # --- the document: blocks rendered to markdown and to HTML ---------------------------------------
@@ -403,6 +522,7 @@ def _header(study, records: list[RunRecord]) -> list[Block]:
         Block("code", study.command),
         Block("items", rows=[
             f"recipe: `{_shown_path(study.recipe)}`; options every run shared on top of it: {shared_text}",
+            *_probe_line(study),
             f"methods: {', '.join(study.methods)} (baseline: **{study.baseline}**)",
             f"grid cells: {', '.join(c or '(none)' for c in study.cells)}; seeds: {', '.join(map(str, study.seeds))}",
             f"runs: {len(records)}, finished {sum(r.finished for r in records)}",
@@ -415,6 +535,18 @@ def _header(study, records: list[RunRecord]) -> list[Block]:
     return blocks
 
 
+def _probe_line(study) -> list[str]:
+    if not _is_pretrain(study):
+        return []
+    text = "runs: `sarvit pretrain` (the option `method` is its `--method`)"
+    probe = getattr(study, "probe", None)
+    if probe is None:
+        return [text + "; no linear probe"]
+    options = ", ".join(f"`{k}={_text(v)}`" for k, v in probe.options.items()) or "none"
+    return [text + f"; each run's backbone then probed by `sarvit linprobe` with the recipe "
+                   f"`{_shown_path(probe.recipe)}`, the run's seed and the options {options}"]
+
+
 def _cell_title(cell: str) -> str:
     return f"cell {cell}" if cell else "all runs"
 
@@ -424,7 +556,9 @@ def _slug(text: str) -> str:
 
 
 def _results(study, records: list[RunRecord], output: Path) -> list[Block]:
-    from .figures import CURVE_PANELS, plot_cell_curves, save_png
+    if _is_pretrain(study):
+        return _pretrain_results(study, records, output)
+    from .figures import TRAIN_PANELS, plot_cell_curves, save_png
 
     blocks = [Block("heading", "Results"),
               Block("text", f"Final-epoch validation top-1 per method, mean ± sample standard deviation (ddof=1) "
@@ -441,12 +575,67 @@ def _results(study, records: list[RunRecord], output: Path) -> list[Block]:
                    Block("text", f"Pairs with the baseline ({study.baseline}) by seed: {pairs or 'none'}.")]
         in_cell = [r for r in records if r.run.cell == cell and r.finished]
         panels = {key: {m: band([r.curves[key] for r in in_cell if r.run.method == m]) for m in study.methods}
-                  for key in CURVE_PANELS}
+                  for key in TRAIN_PANELS}
         path = output / "figures" / f"curves-{i + 1:02d}-{_slug(cell)}.png"
         save_png(plot_cell_curves(panels, f"{study.title}: {_cell_title(cell)}"), path)
         blocks.append(Block("image", f"curves of {_cell_title(cell)}", path=path,
                             link=path.relative_to(output).as_posix()))
     return blocks
+
+
+def _is_pretrain(study) -> bool:
+    return getattr(study, "run_command", "train") == "pretrain"
+
+
+def _pretrain_results(study, records: list[RunRecord], output: Path) -> list[Block]:
+    from .figures import PRETRAIN_PANELS, plot_cell_curves, save_png
+
+    probed = study.probe is not None
+    headline = ("The linear probe's final validation top-1 (`sarvit linprobe` on the frozen backbone each "
+                "pre-training exported, with the run's seed)" if probed else
+                "The pre-training's final weighted 20-NN top-1 on the validation images")
+    knn = (" Beside it the pre-training's own final 20-NN top-1 and its paired difference." if probed else "")
+    blocks = [Block("heading", "Results"),
+              Block("text", f"{headline} per method, mean ± sample standard deviation (ddof=1) over the finished "
+                            f"seeds.{knn} {PAIRING[0].upper() + PAIRING[1:]}. With fewer than two pairs there is no "
+                            "interval or p-value (n/a). Backbone SE and components/head: the pre-trained backbone "
+                            "on the validation images at the last evaluation.\n\n"
+                            "† The epoch with the best 20-NN top-1, picked on the validation set itself: optimistic, "
+                            "for reference only.\n\n"
+                            "‡ The sum of the epochs' times (pre-training" + (" and probe" if probed else "") +
+                            "), without the start-up of each process; runs that shared the machine took longer.")]
+    for i, cell in enumerate(study.cells):
+        rows = compare_pretrain(records, cell, study.methods, study.baseline, probed)
+        pairs = ", ".join(f"{r.method}: n={(r.probe_difference or r.knn_difference).n}" for r in rows
+                          if r.knn_difference is not None)
+        blocks += [Block("heading", _cell_title(cell), level=3),
+                   Block("table", header=pretrain_header(probed), rows=pretrain_table(rows)),
+                   Block("text", f"Pairs with the baseline ({study.baseline}) by seed: {pairs or 'none'}.")]
+        in_cell = [r for r in records if r.run.cell == cell and r.finished]
+        panels = {}
+        for key in PRETRAIN_PANELS:
+            bands = {m: band([r.curves[key] for r in in_cell if r.run.method == m]) for m in study.methods}
+            bands = {m: b for m, b in bands.items() if len(b.epochs)}  # a method that does not log this term
+            if bands:
+                panels[key] = bands
+        if not panels:
+            continue
+        path = output / "figures" / f"curves-{i + 1:02d}-{_slug(cell)}.png"
+        save_png(plot_cell_curves(panels, f"{study.title}: {_cell_title(cell)}"), path)
+        blocks.append(Block("image", f"curves of {_cell_title(cell)}", path=path,
+                            link=path.relative_to(output).as_posix()))
+    return blocks
+
+
+def _weights(record: RunRecord, which: str):
+    """What the analysis loads of a run: its folder, or a pre-training's exported backbone (``last``: the
+    backbone of the last epoch; ``best``: that of the best k-NN top-1)."""
+    if not record.pretrained:
+        return record.run.folder
+    if which == "best_ema":
+        raise UserError("a pre-training run has no best_ema weights; choose which: last or best")
+    folder = RunFolder(record.run.folder)
+    return folder.backbone if which == "last" else folder.best
 
 
 def _chosen_runs(study, records: list[RunRecord]) -> tuple[list[RunRecord], list[str]]:
@@ -476,7 +665,7 @@ def attention_figure_of_runs(chosen: list[RunRecord], path: Path, count: int, wh
     dev = resolve_device(device)
     groups, shown = [], None
     for record in chosen:
-        loaded = load_analysis_model(record.run.folder, which=which, img_size=img_size, device=dev)
+        loaded = load_analysis_model(_weights(record, which), which=which, img_size=img_size, device=dev)
         img_size = loaded.img_size
         x, shown = image_tensors(images, img_size, loaded.mean, loaded.std)  # (B, 3, S, S), (B, S, S, 3)
         maps = attention_maps(loaded.model, x.to(dev))
@@ -530,8 +719,8 @@ def _jaccard(study, records: list[RunRecord], output: Path) -> list[Block]:
             if r.finished:
                 out = output / "jaccard" / f"{r.run.id}.csv"
                 out.parent.mkdir(parents=True, exist_ok=True)
-                summary, _ = run_jaccard(r.run.folder, data, data_root=options.get("data_root"), img_size=img_size,
-                                         which=which, output=out, progress=False)
+                summary, _ = run_jaccard(_weights(r, which), data, data_root=options.get("data_root"),
+                                         img_size=img_size, which=which, output=out, progress=False)
                 scores[r.run.id] = summary.jaccard
     except UserError as err:
         return blocks + [Block("text", f"Not computed: {err}")]
@@ -563,6 +752,10 @@ def _heads(study, records: list[RunRecord]) -> list[Block]:
     """
     if not study.heads:
         return []
+    if _is_pretrain(study):
+        return [Block("heading", "Spatial entropy per head"),
+                Block("text", "Left out: the per-head table evaluates a classifier, and a pre-training run's "
+                              "backbone has none; the backbone's SE and components are in the results table.")]
     from ..evaluation import evaluate_checkpoint
 
     blocks = [Block("heading", "Spatial entropy per head"),
@@ -601,15 +794,25 @@ def _heads(study, records: list[RunRecord]) -> list[Block]:
     return blocks
 
 
-def _run_list(records: list[RunRecord]) -> list[Block]:
-    rows = [[r.run.id, r.run.method, r.run.cell, str(r.run.seed), r.status, _fixed(r.final.get("val_top1")),
-             str(r.epochs_done) if r.status != "missing" else ""] for r in records]
+def _run_list(records: list[RunRecord], pretrain: bool = False, probed: bool = False) -> list[Block]:
+    if pretrain:
+        header = ["id", "method", "cell", "seed", "status", *(["probe top-1"] if probed else []), "k-NN top-1",
+                  "epochs"]
+        rows = [[r.run.id, r.run.method, r.run.cell, str(r.run.seed), r.status,
+                 *([_fixed(r.probe.get("val_top1"))] if probed else []), _fixed(r.final.get("val_knn_top1")),
+                 str(r.epochs_done) if r.status != "missing" else ""] for r in records]
+    else:
+        header = ["id", "method", "cell", "seed", "status", "final val top-1", "epochs"]
+        rows = [[r.run.id, r.run.method, r.run.cell, str(r.run.seed), r.status, _fixed(r.final.get("val_top1")),
+                 str(r.epochs_done) if r.status != "missing" else ""] for r in records]
     missing = [f"`{r.run.id}` ({r.run.method}, {_cell_title(r.run.cell)}, seed {r.run.seed}): {r.status}"
+               + (" (pre-trained; its probe is " + r.probe_status + ")" if r.probe_status and r.status != "missing"
+                  and r.probe_status != "finished" and RunFolder(r.run.folder).summary.is_file() else "")
                for r in records if not r.finished]
     return [Block("heading", "Runs"),
             Block("text", "Every run of the study; all columns, the options that vary and the training terms are in "
                           "[runs.csv](runs.csv)."),
-            Block("table", header=["id", "method", "cell", "seed", "status", "final val top-1", "epochs"], rows=rows),
+            Block("table", header=header, rows=rows),
             Block("heading", "Missing runs"),
             Block("items", rows=missing) if missing else Block("text", "None: every run finished.")]
 
@@ -624,9 +827,10 @@ def write_report(study: Study, output: Path) -> Path:
     (output / "figures").mkdir(parents=True, exist_ok=True)
     records = [read_run(run) for run in study.runs]
     atomic_write(output / "study.txt", lambda tmp: tmp.write_text(study.name + "\n"))  # whose report this is
-    header, rows = runs_table(records)
+    pretrain, probed = _is_pretrain(study), getattr(study, "probe", None) is not None
+    header, rows = runs_table(records, pretrain)
     atomic_write(output / "runs.csv", lambda tmp: tmp.write_text(_csv_text(header, rows)))
     blocks = [*_header(study, records), *_results(study, records, output), *_attention(study, records, output),
-              *_jaccard(study, records, output), *_heads(study, records), *_run_list(records)]
+              *_jaccard(study, records, output), *_heads(study, records), *_run_list(records, pretrain, probed)]
     atomic_write(output / "report.html", lambda tmp: tmp.write_text(to_html(blocks, study.title)))
     return atomic_write(output / "report.md", lambda tmp: tmp.write_text(to_markdown(blocks)))

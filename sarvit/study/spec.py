@@ -1,4 +1,5 @@
-"""A study file: a grid of ``sarvit train`` runs, expanded into runs with stable folders.
+"""A study file: a grid of ``sarvit train`` (or ``sarvit pretrain``) runs, expanded into runs with
+stable folders.
 
     name: fmnist_methods
     title: SAR against the baselines on Fashion-MNIST
@@ -19,6 +20,29 @@
     heads: true                        # optional: spatial entropy and components of every head
     runs: runs                         # optional: where run folders live, relative to the output
                                        # (``sarvit study --runs DIR`` overrides it)
+    command: train                     # optional: train (the default) or pretrain
+
+A self-supervised study (``command: pretrain``) runs ``sarvit pretrain`` with a pretrain
+recipe; a method's ``method`` option is the ``--method`` flag (dino, mocov3). With a
+``probe`` section every pre-trained backbone then gets a linear probe (``sarvit linprobe``,
+in ``RUN/linprobe``, the run's seed), and the probe's final top-1 heads the report:
+
+    command: pretrain
+    recipe: fashion_mnist_dino_cpu
+    methods: {no SAR: {sar: false}, SAR: {sar: true}}
+    baseline: no SAR
+    grid:                              # one cell per method family: each SAR run is compared
+      family:                          # with the run of its own family (paired by seed)
+        DINO: {method: dino}
+        MoCo v3: {method: mocov3}
+    seeds: [0, 1, 2]
+    probe:
+      recipe: fashion_mnist_linprobe_cpu
+      options: {epochs: 20}            # set in every probe (``--set probe.epochs=5`` overrides)
+
+Comparisons pair runs of one grid cell, so the cells are how a study with several
+baselines is written: one cell per baseline (here per method family), the same methods in
+each. A single ``baseline`` compares every method with that one.
 
 A run's folder name is a readable slug of the options it sets plus a hash of those
 options and of the recipe's text: the same run in two studies (rows A, C and F of
@@ -43,12 +67,17 @@ import yaml
 from ..config import (ConfigError, field_name, load_config, parse_value, read_recipe, recipe_path, shown_name,
                       to_dict, yaml_problem)
 
-__all__ = ["Run", "Study", "load_study", "run_id", "study_path"]
+__all__ = ["Run", "Probe", "Study", "load_study", "run_id", "study_path", "config_options", "probe_options",
+           "PROBE_FOLDER"]
 
 # options a study decides itself: each run's folder, resuming, and the seed of each run
 RESERVED = {"output", "resume", "extend", "seed"}
 KEYS = {"name", "title", "description", "recipe", "options", "baseline", "methods", "grid", "seeds", "attention",
-        "jaccard", "heads", "runs"}
+        "jaccard", "heads", "runs", "command", "probe"}
+COMMANDS = ("train", "pretrain")  # what a study's runs are
+PROBE_FOLDER = "linprobe"  # a pre-training run's probe lies in RUN/linprobe
+PROBE_KEYS = {"recipe", "options"}
+METHOD = "method"  # the pretrain option that chooses DINO or MoCo v3: the field ``task``, the flag --method
 
 
 @dataclass(frozen=True)
@@ -59,6 +88,15 @@ class Run:
     seed: int
     options: dict  # every option the run sets on top of the recipe (study options, cell, method, seed)
     folder: Path
+    probe: Path | None = None  # the folder of its linear probe (a pretrain study with a probe)
+
+
+@dataclass(frozen=True)
+class Probe:
+    """The linear probe of every run of a pretrain study: ``sarvit linprobe --config recipe``."""
+
+    recipe: str  # path of the probe's recipe
+    options: dict  # what every probe sets on top of it (not the checkpoint, output or seed: the run's)
 
 
 @dataclass(frozen=True)
@@ -79,6 +117,8 @@ class Study:
     options: dict = field(default_factory=dict)  # what every run sets on top of the recipe
     runs_dir: Path | None = None  # where the run folders lie
     output: Path | None = None  # the report folder
+    run_command: str = "train"  # train | pretrain: the sarvit command of every run
+    probe: Probe | None = None  # pretrain studies: the linear probe of every run
 
 
 def _problem(path: Path, text: str) -> ConfigError:
@@ -93,12 +133,20 @@ def _mapping(path: Path, where: str, value: Any) -> dict:
     return value
 
 
-def _options(path: Path, where: str, value: Any) -> dict[str, Any]:
-    """A mapping of ``sarvit train`` options, keys spelled as in recipes (``lambda``, ``per_class``),
-    values read as the option's type (``"1e-2"`` and ``0.01`` are one value, so one run)."""
+def _options(path: Path, where: str, value: Any, command: str = "train") -> dict[str, Any]:
+    """A mapping of ``sarvit <command>`` options, keys spelled as in recipes (``lambda``, ``per_class``;
+    ``method`` for pretrain), values read as the option's type (``"1e-2"`` and ``0.01`` are one value,
+    so one run)."""
     out = {}
     for key, item in _mapping(path, where, value).items():
+        if command == "linprobe" and str(key).replace("-", "_") in ("checkpoint", "pretrained"):
+            raise _problem(path, f"{where}: {key!r} is set by the study itself (each probe reads its run's "
+                                 "backbone); remove it")
         try:
+            if command == "pretrain" and str(key) in (METHOD, "task"):
+                name, item = "task", parse_value("task", item) if item is not None else None
+                out[METHOD] = item
+                continue
             name = field_name(key)
             item = parse_value(name, item) if item is not None else None
         except ConfigError as err:
@@ -112,14 +160,15 @@ def _options(path: Path, where: str, value: Any) -> dict[str, Any]:
     return out
 
 
-def _cells(path: Path, grid: Any) -> list[tuple[str, dict]]:
+def _cells(path: Path, grid: Any, command: str = "train") -> list[tuple[str, dict]]:
     """``grid`` -> ``[(label, options)]``, the product of its axes in file order."""
     axes = []
     for axis, values in _mapping(path, "grid", grid).items():
         if isinstance(values, dict) and values:
-            axes.append([(str(label), _options(path, f"grid.{axis}.{label}", opts)) for label, opts in values.items()])
+            axes.append([(str(label), _options(path, f"grid.{axis}.{label}", opts, command))
+                         for label, opts in values.items()])
         elif isinstance(values, list) and values:
-            name = _options(path, f"grid.{axis}", {axis: None})  # the axis must be an option
+            name = _options(path, f"grid.{axis}", {axis: None}, command)  # the axis must be an option
             key = next(iter(name))
             axes.append([(f"{key}={'none' if v is None else v}", {key: v}) for v in values])
         else:
@@ -151,7 +200,7 @@ def _seeds(path: Path, seeds: Any) -> list[int]:
 
 
 # the options that tell runs apart most often come first in a run's folder name
-_FIRST = ("seed", "objective", "sar", "layout", "lambda", "per_class", "train_fraction", "model", "data")
+_FIRST = ("seed", "method", "objective", "sar", "layout", "lambda", "per_class", "train_fraction", "model", "data")
 
 
 def _slug(options: dict[str, Any]) -> str:
@@ -256,6 +305,59 @@ def _figure_options(path: Path, key: str, value: Any, cells: list[str], seeds: l
     return options
 
 
+def config_options(options: dict[str, Any]) -> dict[str, Any]:
+    """A run's options as ``sarvit.config.load_config`` takes them (``method`` is the field ``task``)."""
+    return {("task" if key == METHOD else key): value for key, value in options.items()}
+
+
+def _command(path: Path, value: Any) -> str:
+    if value is None:
+        return "train"
+    if value not in COMMANDS:
+        raise _problem(path, f"command must be one of {', '.join(COMMANDS)} (the sarvit command of every run); "
+                             f"got {value!r}")
+    return value
+
+
+def _probe(path: Path, value: Any, command: str, forced: dict[str, Any]) -> Probe | None:
+    """The ``probe`` section: its recipe and the options every probe sets (``--set probe.X=V`` last)."""
+    if value is None:
+        if forced:
+            raise _problem(path, f"--set probe.{next(iter(forced))}: the study has no probe section")
+        return None
+    if command != "pretrain":
+        raise _problem(path, "probe: only a pretrain study (command: pretrain) probes its runs; remove the probe "
+                             "section or set command: pretrain")
+    spec = _mapping(path, "probe", value)
+    unknown = sorted(set(map(str, spec)) - PROBE_KEYS)
+    if unknown:
+        raise _problem(path, f"probe: unknown key(s) {', '.join(unknown)}; it takes {', '.join(sorted(PROBE_KEYS))}")
+    if not isinstance(spec.get("recipe"), str) or not spec["recipe"]:
+        raise _problem(path, "probe.recipe must name a sarvit linprobe recipe (a shipped recipe's name, e.g. "
+                             "fashion_mnist_linprobe_cpu, or a YAML path)")
+    recipe = _recipe(path, spec["recipe"])
+    read_recipe(recipe)
+    options = {**_options(path, "probe.options", spec.get("options"), "linprobe"),
+               **_options(path, "--set probe", forced, "linprobe")}
+    return Probe(str(recipe.resolve()), options)
+
+
+def probe_options(probe: Probe, run: Run) -> dict[str, Any]:
+    """Every option of ``run``'s probe on top of the probe's recipe: the probe's, the run's checkpoint and seed."""
+    return {**probe.options, "pretrained": str(run.folder), "seed": run.seed}
+
+
+def _split_extra(extra: dict[str, Any] | None) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``--set`` options: ``(of every run, of every probe)``; ``probe.epochs=5`` is a probe's."""
+    runs, probes = {}, {}
+    for key, value in (extra or {}).items():
+        if str(key).startswith("probe."):
+            probes[str(key).removeprefix("probe.")] = value
+        else:
+            runs[key] = value
+    return runs, probes
+
+
 def load_study(path: str | Path, output: str | Path | None = None, command: str = "",
                runs: str | Path | None = None, extra: dict[str, Any] | None = None) -> Study:
     """Read and expand a study file; every run's options are range-checked here, before anything runs.
@@ -263,25 +365,30 @@ def load_study(path: str | Path, output: str | Path | None = None, command: str 
     ``path``: a study file, or the name of a shipped one. ``output`` (default
     ``results/<name>``) holds the report; runs lie in ``runs`` if given, else in the
     folder the file's ``runs`` key names (relative to ``output``; default ``runs``).
-    ``extra``: options set in every run on top of the file's ``options`` (``--set``).
+    ``extra``: options set in every run on top of the file's ``options`` (``--set``);
+    ``probe.<option>`` ones in every probe.
     """
     path = study_path(path)
     spec = _read(path)
     name = spec.get("name")
     if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", name):
         raise _problem(path, f"name must be a short identifier (letters, digits, _ . -); got {name!r}")
+    run_command = _command(path, spec.get("command"))
     recipe = _recipe(path, spec.get("recipe"))
     read_recipe(recipe)  # a malformed recipe is named now
     recipe_text = recipe.read_text()
-    common = _options(path, "options", spec.get("options"))
-    forced = _options(path, "--set", extra)  # set in every run, over the file's cells and methods
-    methods = {str(k): _options(path, f"methods.{k}", v) for k, v in _mapping(path, "methods", spec.get("methods")).items()}
+    extra_runs, extra_probes = _split_extra(extra)
+    common = _options(path, "options", spec.get("options"), run_command)
+    forced = _options(path, "--set", extra_runs, run_command)  # set in every run, over the file's cells and methods
+    probe = _probe(path, spec.get("probe"), run_command, extra_probes)
+    methods = {str(k): _options(path, f"methods.{k}", v, run_command)
+               for k, v in _mapping(path, "methods", spec.get("methods")).items()}
     if not methods:
         raise _problem(path, "methods must name at least one method (label: options), e.g. 'SAR: {}'")
     baseline = str(spec.get("baseline", next(iter(methods))))
     if baseline not in methods:
         raise _problem(path, f"baseline {baseline!r} is not one of the methods ({', '.join(methods)})")
-    cells = _cells(path, spec.get("grid"))
+    cells = _cells(path, spec.get("grid"), run_command)
     seeds = _seeds(path, spec.get("seeds"))
     output = Path(output) if output is not None else Path("results") / name
     runs_key = spec.get("runs", "runs")
@@ -294,10 +401,10 @@ def load_study(path: str | Path, output: str | Path | None = None, command: str 
         for method, method_options in methods.items():
             for seed in seeds:
                 options = {**common, **cell_options, **method_options, **forced, "seed": seed}
+                where = f"method {method!r}" + (f", cell {cell!r}" if cell else "")
                 try:
-                    cfg = load_config(recipe, options)
+                    cfg = load_config(recipe, config_options(options), command=run_command)
                 except ConfigError as err:
-                    where = f"method {method!r}" + (f", cell {cell!r}" if cell else "")
                     raise _problem(path, f"{where}: {err}") from None
                 if seed == seeds[0]:
                     same = resolved.setdefault(repr(sorted(to_dict(cfg).items())), method)
@@ -305,7 +412,14 @@ def load_study(path: str | Path, output: str | Path | None = None, command: str 
                         raise _problem(path, f"methods {same!r} and {method!r} train the same configuration"
                                              + (f" in cell {cell!r}" if cell else "") + "; make them differ")
                 rid = run_id(recipe_text, options)
-                runs.append(Run(rid, method, cell, seed, options, runs_dir / rid))
+                folder = runs_dir / rid
+                run = Run(rid, method, cell, seed, options, folder, folder / PROBE_FOLDER if probe else None)
+                if probe is not None and not runs:  # the probe's options are the same for every run but its seed
+                    try:
+                        load_config(probe.recipe, probe_options(probe, run), command="linprobe")
+                    except ConfigError as err:
+                        raise _problem(path, f"probe: {err}") from None
+                runs.append(run)
     ids = [r.id for r in runs]
     if len(set(ids)) != len(ids):
         twice = sorted({i for i in ids if ids.count(i) > 1})
@@ -323,5 +437,5 @@ def load_study(path: str | Path, output: str | Path | None = None, command: str 
         name=name, title=spec.get("title", name), description=spec.get("description", "").strip(),
         recipe=str(recipe.resolve()), methods=list(methods), baseline=baseline, cells=[c for c, _ in cells],
         seeds=seeds, runs=runs, command=command, attention=attention, jaccard=jaccard, heads=heads,
-        options={**common, **forced}, runs_dir=runs_dir, output=output,
+        options={**common, **forced}, runs_dir=runs_dir, output=output, run_command=run_command, probe=probe,
     )
