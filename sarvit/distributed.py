@@ -11,7 +11,8 @@ import torch.distributed as dist
 from .config import DEVICE_SYNTAX
 from .errors import ConfigError
 
-__all__ = ["Dist", "init_distributed", "available_devices", "all_reduce_sum", "gather_objects", "barrier", "shutdown"]
+__all__ = ["Dist", "init_distributed", "pick_device", "available_devices", "all_reduce_sum", "gather_objects", "barrier",
+           "shutdown"]
 
 
 @dataclass(frozen=True)
@@ -26,7 +27,7 @@ class Dist:
         return self.rank == 0
 
 
-def _pick_device(device: str, local_rank: int) -> torch.device:
+def pick_device(device: str, local_rank: int) -> torch.device:
     """``auto | cpu | cuda | cuda:N | mps`` -> the device, or :class:`ConfigError` naming those this machine has."""
     if device == "auto":
         if torch.cuda.is_available():
@@ -72,7 +73,7 @@ def init_distributed(device: str = "auto") -> Dist:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    dev = _pick_device(device, local_rank)
+    dev = pick_device(device, local_rank)
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
     if world > 1 and not dist.is_initialized():

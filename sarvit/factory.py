@@ -61,6 +61,8 @@ def create_model(
         kwargs["img_size"] = img_size  # models without one (PVT v2) take any size
     try:
         model = timm.create_model(name, pretrained=False, **kwargs)
+    except ConfigError:  # sarvit's own models refuse what they cannot take (PVT v1: sizes of 32), in their words
+        raise
     except TypeError as err:
         raise ConfigError(f"timm model {name!r} does not accept these arguments {sorted(kwargs)}: {err}") from None
     except (ValueError, RuntimeError, AssertionError, ZeroDivisionError) as err:  # e.g. depth -2, dim 0
@@ -69,7 +71,18 @@ def create_model(
                           f"{type(err).__name__}: {err}; check the values (sizes must be positive)") from None
     if img_size is not None:
         check_image_size(model, img_size)
+        _check_pooled_keys(name, model, img_size)
     return attach(model, layout=layout, query=query)
+
+
+def _check_pooled_keys(name: str, model: nn.Module, img_size: int) -> None:
+    """PVT v2's linear variants (``*_li``) pool their keys to a fixed 7x7 grid: below 224 px the last
+    stage has fewer tokens than keys, and S would be made of repeated values."""
+    pooled = [m for m in model.modules() if isinstance(m, nn.AdaptiveAvgPool2d) and m.output_size in (7, (7, 7))]
+    if pooled and img_size < 224:
+        raise ConfigError(f"{name} pools its keys to a 7x7 grid: at img_size {img_size} its last stage has fewer "
+                          f"than 7x7 tokens, so the keys (and S) would repeat values; use img_size 224 or more, or "
+                          "a model without linear spatial reduction (pvt_v2_b0 ... pvt_v2_b5)")
 
 
 def _create_torchvision(name: str, num_classes: int, img_size: int | None, drop_path: float,

@@ -313,3 +313,17 @@ def test_attention_and_jaccard_commands_on_a_trained_pvt(image_folder, tmp_path,
     assert main(["jaccard", "--checkpoint", str(run), "--which", "last", "--data", str(data), "--img-size", "30",
                  "--output", str(tmp_path / "x.csv"), "--device", "cpu"]) == 2
     assert "--img-size 30" in capsys.readouterr().err and not (tmp_path / "x.csv").exists()
+
+
+@pytest.mark.parametrize("device,message", [("foo", "is not a device"), ("cuda:7", "cuda")])
+def test_analysis_commands_refuse_a_bad_device_in_one_line(tmp_path, capsys, device, message):
+    if device.startswith("cuda") and torch.cuda.device_count() > 7:
+        pytest.skip("this machine has a cuda:7")
+    data = masked_folder(tmp_path / "masked")
+    for args in (["jaccard", "--checkpoint", str(tmp_path), "--data", str(data)],
+                 ["attention", "--checkpoint", str(tmp_path), "--image-dir", str(data / "images"),
+                  "--output", str(tmp_path / "a.png")]):
+        capsys.readouterr()
+        assert main([*args, "--device", device]) == 2
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err and not (tmp_path / "a.png").exists()

@@ -230,12 +230,12 @@ def test_devices_this_machine_lacks(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     monkeypatch.setattr(distributed, "_mps_available", lambda: False)
     with pytest.raises(ConfigError, match=r"--device cuda: CUDA is not available on this machine \(it has cpu\)"):
-        distributed._pick_device("cuda", 0)
+        distributed.pick_device("cuda", 0)
     with pytest.raises(ConfigError, match=r"--device mps: Apple's MPS is not available .*\(it has cpu\)"):
-        distributed._pick_device("mps", 0)
+        distributed.pick_device("mps", 0)
     with pytest.raises(ConfigError, match=r"--device 'gpu0' is not a device: .*this machine has cpu$"):
-        distributed._pick_device("gpu0", 0)
-    assert distributed._pick_device("auto", 0) == torch.device("cpu")
+        distributed.pick_device("gpu0", 0)
+    assert distributed.pick_device("auto", 0) == torch.device("cpu")
 
 
 def test_a_gpu_index_beyond_the_machine(monkeypatch):
@@ -243,8 +243,8 @@ def test_a_gpu_index_beyond_the_machine(monkeypatch):
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     monkeypatch.setattr(distributed, "_mps_available", lambda: False)
     with pytest.raises(ConfigError, match="no GPU of index 3 .*this machine has cpu, cuda:0, cuda:1$"):
-        distributed._pick_device("cuda:3", 0)
-    assert distributed._pick_device("cuda", 1) == torch.device("cuda", 1)  # torchrun's local rank
+        distributed.pick_device("cuda:3", 0)
+    assert distributed.pick_device("cuda", 1) == torch.device("cuda", 1)  # torchrun's local rank
 
 
 # --- bugs keep their traceback ----------------------------------------------------------------------

@@ -181,3 +181,25 @@ def test_resolve_weights_says_what_it_looked_for(tmp_path):
     with pytest.raises(ConfigError, match="which must be one of best, last, best_ema; got 'newest'"):
         resolve_weights(run, "newest")
     assert issubclass(WeightsNotFound, UserError) and issubclass(WeightsNotFound, FileNotFoundError)
+
+
+def test_pvt_sizes_are_refused_in_the_model_s_own_words():
+    from sarvit.factory import create_model
+
+    with pytest.raises(ConfigError) as caught:
+        create_model("pvt_small", 10, img_size=48)
+    assert str(caught.value).startswith("img_size is 48x48: PVT needs multiples of 32")
+    assert "model_kwargs" not in str(caught.value)
+
+
+def test_pooled_keys_of_pvt_v2_li_are_refused_below_224():
+    from sarvit.factory import create_model
+
+    kwargs = {"embed_dims": [8, 8, 8, 16], "depths": [1, 1, 1, 1], "num_heads": [1, 1, 1, 2],
+              "mlp_ratios": [1, 1, 1, 1]}
+    with pytest.raises(ConfigError, match="pools its keys to a 7x7 grid: at img_size 64"):
+        create_model("pvt_v2_b2_li", 3, img_size=64, model_kwargs=kwargs)
+    model = create_model("pvt_v2_b2_li", 3, img_size=224, model_kwargs=kwargs)
+    _, S = model.forward_with_similarity(torch.randn(1, 3, 224, 224))
+    assert S.shape[-2:] == (7, 7)
+    create_model("pvt_v2_b0", 3, img_size=64, model_kwargs=kwargs)  # keys reduced by a strided conv: any size

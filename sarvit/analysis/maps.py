@@ -117,7 +117,9 @@ def key_stride(image_size: tuple[int, int], grid: tuple[int, int]) -> int:
     (H, W), (h, w) = image_size, grid
     if H % h or W % w or H // h != W // w:
         raise UserError(f"a {H}x{W} input gives a {h}x{w} key grid, which does not tile it in square cells; use an "
-                        f"input size that is a multiple of {max(1, H // h)} (the key grid's stride)")
+                        "input size whose key grid tiles it: a multiple of the patch size for ViT and T2T (16), of "
+                        "32 for PVT, CvT and Swin; models that pool their keys to a fixed grid (pvt_v2_*_li: 7x7) "
+                        "need a multiple of that grid's side times the stride (224)")
     return H // h
 
 

@@ -30,9 +30,10 @@ __all__ = [
 
 
 def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    """``auto | cpu | cuda | cuda:N | mps`` -> the device; a ConfigError names those this machine has."""
+    from ..distributed import pick_device
+
+    return pick_device(name, 0)
 
 
 def prepare_pair(image, mask: np.ndarray, size: int, mean, std) -> tuple[torch.Tensor, np.ndarray]:
