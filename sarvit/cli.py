@@ -143,6 +143,38 @@ def _add_linprobe(sub) -> None:
     _add_config_options(p, "linprobe", flags={"pretrained": "--checkpoint"}, required=("pretrained",))
 
 
+def _add_dense(sub) -> None:
+    """``sarvit detect`` and ``sarvit segment``: ViTDet transfer (Tables 5 and 6, appendix E.3)."""
+    p = sub.add_parser(
+        "detect",
+        help="fine-tune a pre-trained ViT for object detection: ViTDet + Mask R-CNN (Table 5)",
+        description="Fine-tune the backbone of --backbone (a run folder or weights file; the SAR last block is "
+        "kept) with ViTDet's simple feature pyramid and torchvision's Mask R-CNN (Faster R-CNN when the data has "
+        "no masks, or with --dense-masks false). --data voc2007 (--data-root: the folder holding VOCdevkit/; "
+        "trainval / test) or coco_json:DIR (DIR/annotations_train.json + annotations_val.json, or one "
+        "annotations.json whose images[].split says train or val, as `sarvit data stamps` writes). Validation: "
+        "COCO mAP and VOC mAP@0.5 of boxes (and masks); the best checkpoint by box mAP@0.5. Same run folders, "
+        "checkpoints, exact resume and torchrun as `sarvit train`.",
+        epilog="example: sarvit detect --backbone runs/stamps-sar --data coco_json:data/stamps "
+        "--config stamps_detect_cpu --output runs/stamps-sar-detect",
+    )
+    p.add_argument("--config", metavar="RECIPE", help="YAML recipe: a file, or a shipped recipe's name")
+    _add_config_options(p, "detect", flags={"pretrained": "--backbone"}, required=("pretrained",))
+    p = sub.add_parser(
+        "segment",
+        help="fine-tune a pre-trained ViT for semantic segmentation: ViTDet pyramid + FPN head (Table 6)",
+        description="Fine-tune the backbone of --backbone (the SAR last block is kept) with ViTDet's simple feature "
+        "pyramid and a semantic FPN head, pixel cross-entropy (255 ignored). --data voc2012 (--data-root; "
+        "ImageSets/Segmentation train / val) or masks:DIR (DIR/images + DIR/masks for validation, "
+        "DIR/train_masks with DIR/train_images or DIR/train/ for training, DIR/classes.txt, as `sarvit data "
+        "stamps` writes). Validation: mIoU; the best checkpoint by mIoU.",
+        epilog="example: sarvit segment --backbone runs/stamps-sar --data masks:data/stamps "
+        "--config stamps_segment_cpu --output runs/stamps-sar-segment",
+    )
+    p.add_argument("--config", metavar="RECIPE", help="YAML recipe: a file, or a shipped recipe's name")
+    _add_config_options(p, "segment", flags={"pretrained": "--backbone"}, required=("pretrained",))
+
+
 def _add_eval(sub) -> None:
     p = sub.add_parser(
         "eval",
@@ -311,7 +343,9 @@ def _add_data(sub) -> None:
         description="Paste the photographic cut-outs of the Debian package tuxpaint-stamps-default (7 classes, split "
         "by object) on random crops of real photographs bundled with scikit-image and scikit-learn. Writes train/ "
         "and val/ (an ImageFolder for `sarvit train --data DIR`), images/ + masks/ of the val images (class ids, "
-        "255 void, for `sarvit jaccard --data DIR`), annotations.json (COCO boxes and RLE masks) and a README. "
+        "255 void, for `sarvit jaccard --data DIR`), train_masks/ of the training images (for `sarvit segment "
+        "--data masks:DIR`), annotations.json (COCO boxes and RLE masks of both splits, for `sarvit detect --data "
+        "coco_json:DIR`) and a README. "
         "Same seed, same bytes; an existing non-empty DIR is never overwritten.",
         epilog="example: sarvit data stamps --output data/stamps && "
         "sarvit train --config stamps_cpu --data data/stamps --output runs/stamps-sar",
@@ -339,6 +373,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_pretrain(sub)
     _add_finetune(sub)
     _add_linprobe(sub)
+    _add_dense(sub)
     _add_eval(sub)
     _add_demo(sub)
     _add_attention(sub)
@@ -374,12 +409,15 @@ def _run_config(args: argparse.Namespace, command: str):
         raise ConfigError("sarvit finetune needs --pretrained: a run folder or weights file to start from")
     if command == "linprobe" and cfg.pretrained is None:
         raise ConfigError("sarvit linprobe needs --checkpoint: the run folder or weights file to probe")
+    if command in ("detect", "segment") and cfg.pretrained is None:
+        raise ConfigError(f"sarvit {command} needs --backbone: the run folder or weights file to fine-tune")
     return cfg
 
 
 # the training commands: command -> (module, function) run on the configuration
 TRAINERS = {"train": ("train", "train"), "finetune": ("train", "train"), "pretrain": ("pretrain", "pretrain"),
-            "linprobe": ("linprobe", "linprobe")}
+            "linprobe": ("linprobe", "linprobe"), "detect": ("dense.tasks", "detect"),
+            "segment": ("dense.tasks", "segment")}
 
 
 def _cmd_training(command: str):
@@ -594,6 +632,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         resumable = "; `--resume auto` continues from the last checkpoint"
         then = {"train": resumable, "pretrain": resumable, "finetune": resumable, "linprobe": resumable,
+                "detect": resumable, "segment": resumable,
                 "demo": "; `--resume` with the same --output continues it",
                 "study": "; the same command continues it (finished runs are kept)"}.get(args.command, "")
         print(f"sarvit {args.command}: interrupted{then}", file=sys.stderr)

@@ -105,7 +105,7 @@ OPEN_UNIT = (0, 1, "()")
 HALF_OPEN_UNIT = (0, 1, "[)")
 SEED = (0, 2**32 - 1, "[]")
 
-TASKS = ("supervised", "dino", "mocov3", "linprobe")
+TASKS = ("supervised", "dino", "mocov3", "linprobe", "detect", "segment")
 INTERPOLATIONS = ("bilinear", "bicubic", "nearest", "lanczos", "box", "hamming")
 DEVICE_SYNTAX = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
 
@@ -237,7 +237,7 @@ class TrainConfig:
     model_ema_decay: float = option(0.99996, "EMA decay per step", range=OPEN_UNIT)
     # --- self-supervised pre-training (sarvit pretrain) ---------------------------------
     task: str = option("supervised", "what is trained, set by the command: supervised (train, finetune) | dino | "
-                       "mocov3 (pretrain --method) | linprobe", choices=TASKS)
+                       "mocov3 (pretrain --method) | linprobe | detect | segment", choices=TASKS)
     global_crops_scale: tuple = option((0.4, 1.0), "DINO: area range of the 2 global crops, e.g. 0.4,1",
                                        check=_scale)
     local_crops_number: int = option(8, "DINO: local crops per image (the paper: 10)", range=NON_NEGATIVE)
@@ -275,6 +275,14 @@ class TrainConfig:
                                 "for ViT-S, 1 for ViT-B)", range=AT_LEAST_ONE)
     avgpool_patchtokens: bool = option(False, "linear probe: also concatenate the mean of the last block's "
                                        "patch tokens")
+    dense_size: int = option(512, "detect, segment: side of the square training and evaluation inputs (E.3: 512), "
+                             "a multiple of twice the patch size", range=(32, 4096))
+    dense_channels: int = option(256, "detect, segment: channels of every pyramid level (ViTDet: 256)",
+                                 range=AT_LEAST_ONE)
+    dense_masks: bool = option(True, "detect: Mask R-CNN with the instance masks when the data has them (false: "
+                               "Faster R-CNN, boxes only)")
+    warmup_steps: int = option(0, "detect, segment: linear learning-rate warm-up over N optimizer steps (E.3: 250); "
+                               "replaces --warmup-epochs when > 0", range=NON_NEGATIVE)
     # --- run ----------------------------------------------------------------------------
     seed: int = option(0, "seed of the initialisation, the subset, the data order and the augmentation", range=SEED)
     device: str = option("auto", "auto | cpu | cuda | cuda:N | mps", check=_device)
@@ -306,6 +314,10 @@ _SSL_ONLY = tuple(n for n in FIELDS if list(FIELDS).index("global_crops_scale") 
                   <= list(FIELDS).index("stop_grad_conv1"))
 _TRANSFER = ("pretrained", "pretrained_which")
 _PROBE_ONLY = ("n_last_blocks", "avgpool_patchtokens")
+_DENSE_ONLY = ("dense_size", "dense_channels", "dense_masks", "warmup_steps")
+# what the dense tasks do not read: their inputs are dense_size squares, their subsets whole splits
+_NOT_DENSE = ("download", "img_size", "per_class", "train_fraction", "val_per_class", "scale", "interpolation",
+              "crop_pct", "hflip")
 _SAR = ("sar", "lambda_", "lambda_schedule", "lambda_warmup_epochs", "layout", "query")
 _CROPS = ("hflip", "scale")
 
@@ -313,11 +325,14 @@ _CROPS = ("hflip", "scale")
 def task_fields(task: str) -> tuple[str, ...]:
     """The fields of ``TrainConfig`` that ``task`` reads, in declaration order (``task`` included)."""
     if task == "supervised":
-        skip = set(_SSL_ONLY) | set(_PROBE_ONLY)
+        skip = set(_SSL_ONLY) | set(_PROBE_ONLY) | set(_DENSE_ONLY)
     elif task in ("dino", "mocov3"):
-        skip = set(_SUPERVISED_ONLY) | set(_TRANSFER) | set(_PROBE_ONLY) | set(_CROPS)
+        skip = set(_SUPERVISED_ONLY) | set(_TRANSFER) | set(_PROBE_ONLY) | set(_CROPS) | set(_DENSE_ONLY)
     elif task == "linprobe":
-        skip = set(_SUPERVISED_ONLY) | set(_SSL_ONLY) | set(_SAR) | {"drop_path"}
+        skip = set(_SUPERVISED_ONLY) | set(_SSL_ONLY) | set(_SAR) | {"drop_path"} | set(_DENSE_ONLY)
+    elif task in ("detect", "segment"):
+        skip = (set(_SUPERVISED_ONLY) | set(_SSL_ONLY) | set(_PROBE_ONLY) | set(_SAR) | set(_NOT_DENSE)
+                | ({"dense_masks"} if task == "segment" else set()))
     else:
         raise ConfigError(f"task must be one of {', '.join(TASKS)}; got {task!r}")
     return tuple(n for n in FIELDS if n not in skip)
@@ -465,9 +480,9 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
 
 
 COMMAND_TASKS = {"train": ("supervised",), "finetune": ("supervised",), "pretrain": ("dino", "mocov3"),
-                 "linprobe": ("linprobe",)}
+                 "linprobe": ("linprobe",), "detect": ("detect",), "segment": ("segment",)}
 TASK_COMMAND = {"supervised": "train", "dino": "pretrain --method dino", "mocov3": "pretrain --method mocov3",
-                "linprobe": "linprobe"}
+                "linprobe": "linprobe", "detect": "detect", "segment": "segment"}
 
 
 def _task_of(command: str, values: dict[str, Any], path) -> str:

@@ -63,7 +63,8 @@ def test_every_shipped_recipe_is_valid():
         text = resources.files("sarvit").joinpath("configs", name).read_text()
         assert text.startswith("#"), f"{name} needs a first-line description"
         written = yaml.safe_load(text)
-        command = {"dino": "pretrain", "mocov3": "pretrain", "linprobe": "linprobe"}.get(written.get("task"), "train")
+        command = {"dino": "pretrain", "mocov3": "pretrain", "linprobe": "linprobe", "detect": "detect",
+                   "segment": "segment"}.get(written.get("task"), "train")
         cfg = to_dict(load_config(name.removesuffix(".yaml"), command=command))
         assert isinstance(written, dict)
         for key, value in written.items():  # every value of the file reaches the config, as a number where one
@@ -173,17 +174,23 @@ BAD_VALUES = [
     ("moco_min_crop", "0", "moco_min_crop must be in (0, 1]"),
     # sarvit linprobe
     ("n_last_blocks", "0", "n_last_blocks must be >= 1"),
+    # sarvit detect / segment
+    ("dense_size", "16", "dense_size must be in [32, 4096]; got 16"),
+    ("dense_size", "5000", "dense_size must be in [32, 4096]"),
+    ("dense_channels", "0", "dense_channels must be >= 1"),
+    ("warmup_steps", "-1", "warmup_steps must be >= 0"),
 ]
 
 # the command whose options these are (the others are sarvit train's)
 COMMAND_OF = {**{name: "pretrain" for name in task_fields("dino") if name not in task_fields("supervised")},
-              **{name: "linprobe" for name in task_fields("linprobe") if name not in task_fields("supervised")}}
+              **{name: "linprobe" for name in task_fields("linprobe") if name not in task_fields("supervised")},
+              **{name: "detect" for name in task_fields("detect") if name not in task_fields("supervised")}}
 
 
 @pytest.mark.parametrize("option,value,message", BAD_VALUES)
 def test_every_bad_value_is_refused_naming_the_option(option, value, message):
     command = COMMAND_OF.get(option, "train")
-    task = {"pretrain": {"task": "dino"}, "linprobe": {"pretrained": "run"}}.get(command, {})
+    task = {"pretrain": {"task": "dino"}, "linprobe": {"pretrained": "run"}, "detect": {"pretrained": "run"}}.get(command, {})
     with pytest.raises(ConfigError) as caught:
         load_config(None, {option: value, **task}, command=command)
     assert message in str(caught.value)

@@ -220,7 +220,7 @@ def test_same_seed_same_bytes(built):
     root, _ = built
     a, b, c = (_hashes(root / k / "stamps") for k in "abc")
     assert a == b
-    assert len(a) == 7 * (2 + 2 + 2 + 2) + 3  # train, val, images/ and masks/ of val; 3 other files
+    assert len(a) == 7 * (2 + 2 + 2 + 2 + 2) + 3  # train, val, images/ and masks/ of val, train_masks/; 3 other files
     assert set(a) == set(c)
     assert all(a[k] != c[k] for k in a if k != "classes.txt")  # every image, mask and record depends on the seed
 
@@ -285,6 +285,25 @@ def test_masks_hold_the_class_of_their_folder(built):
         assert mask_image.mode == "L" and mask_image.size == (64, 64)
         values = set(np.unique(np.asarray(mask_image)).tolist())
         assert values <= {0, class_id, 255} and {0, class_id, 255} <= values
+
+
+@needs_stamps
+def test_train_masks_hold_the_class_of_their_folder_and_match_the_coco_instances(built):
+    """train_masks/ (for `sarvit segment --data masks:DIR`): one class mask per training image, whose
+    object pixels (class id) lie inside the COCO instance and whose instance lies inside class + void."""
+    root, _ = built
+    folder = root / "a" / "stamps"
+    classes = sorted(p.name for p in (folder / "train").iterdir())
+    train = sorted((folder / "train").glob("*/*.png"))
+    assert sorted(p.name for p in (folder / "train_masks").iterdir()) == sorted(p.name for p in train)
+    coco = json.loads((folder / "annotations.json").read_text())
+    instance_of = {im["file_name"]: a for im in coco["images"] for a in coco["annotations"] if a["image_id"] == im["id"]}
+    for path in train:
+        class_id = classes.index(path.parent.name) + 1
+        mask = np.asarray(Image.open(folder / "train_masks" / path.name))
+        assert mask.shape == (64, 64) and set(np.unique(mask).tolist()) == {0, class_id, 255}
+        instance = _rle_decode(instance_of[path.relative_to(folder).as_posix()]["segmentation"])
+        assert not ((mask == class_id) & ~instance).any() and not (instance & (mask == 0)).any()
 
 
 @needs_stamps

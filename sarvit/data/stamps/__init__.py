@@ -11,7 +11,7 @@ Modules: ``catalog`` (the photograph rule, classes, split by object), ``backgrou
 ``readme`` (the dataset's README, which documents the layout).
 
     from sarvit.data.stamps import build_stamps
-    summary = build_stamps("data/stamps", seed=0)   # train/ val/ images/ masks/ annotations.json README.md
+    summary = build_stamps("data/stamps", seed=0)   # train/ val/ images/ masks/ train_masks/ annotations.json README.md
 """
 
 from .build import DEFAULT_STAMPS_DIR, StampsNotFound, StampsSummary, StampsWriteError, build_stamps

@@ -67,8 +67,8 @@ class StampsSummary:
                 f"{self.images['train'][i]:9d} {self.images['val'][i]:7d}"
             )
         lines.append(
-            f"train/ val/ (ImageFolder), images/ + masks/ (val, class ids, 255 void), annotations.json (COCO), "
-            f"README.md in {self.output}"
+            f"train/ val/ (ImageFolder), images/ + masks/ (val, class ids, 255 void), train_masks/ (train), "
+            f"annotations.json (COCO, both splits), README.md in {self.output}"
         )
         return "\n".join(lines)
 
@@ -142,9 +142,12 @@ def _write_split(root: Path, split: str, objects: list[list[Stamp]], per_class: 
             stem = f"{cls.name}_{i:05d}"
             encoded = _png(composite.image)
             (folder / f"{stem}.png").write_bytes(encoded)
+            mask = _png(semantic_mask(composite.alpha, label + 1))
             if split == "val":
                 (root / "images" / f"{stem}.png").write_bytes(encoded)
-                (root / "masks" / f"{stem}.png").write_bytes(_png(semantic_mask(composite.alpha, label + 1)))
+                (root / "masks" / f"{stem}.png").write_bytes(mask)
+            else:  # the training masks of `sarvit segment --data masks:DIR` (images: train/<class>/)
+                (root / "train_masks" / f"{stem}.png").write_bytes(mask)
             image_id = first_id + len(images)
             images.append({"id": image_id, "file_name": f"{split}/{cls.name}/{stem}.png", "width": size,
                            "height": size, "split": split, "license": 1})
@@ -209,6 +212,7 @@ def _write_dataset(root: Path, split: dict[str, list[list[Stamp]]], summary: Sta
     backgrounds = load_backgrounds()
     (root / "images").mkdir()
     (root / "masks").mkdir()
+    (root / "train_masks").mkdir()
     cache: dict[Path, np.ndarray] = {}
     images, annotations = [], []
     for name in SPLITS:

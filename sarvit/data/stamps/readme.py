@@ -97,6 +97,9 @@ def render_readme(summary: StampsSummary) -> str:
         "255 void. With `a` the object's 8-bit alpha after resizing: `a = 0` is background, `a = 255` the class, "
         "and `0 < a < 255` (the soft edge) void. The image is composed with the same `a`, so pixels marked "
         "background or class are exactly background or object.",
+        "- `train_masks/<stem>.png`: the class masks of the training images `train/<class>/<stem>.png`, same "
+        "encoding. With `images/` + `masks/` for validation they make the layout `sarvit segment --data "
+        "masks:THIS_FOLDER` trains on; `sarvit detect --data coco_json:THIS_FOLDER` reads `annotations.json`.",
         "- `annotations.json`: COCO-style instances of every image of both splits (`images[].split` says which; "
         "`file_name` is relative to this folder): `categories` (ids 1..C), one annotation per image with "
         "`bbox` `[x, y, width, height]` in pixels, `area`, `iscrowd` 0, `segmentation` as COCO's *uncompressed* "
