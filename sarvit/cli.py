@@ -236,7 +236,8 @@ def _add_attention(sub) -> None:
         "attention",
         help="draw the last block's attention, 60%%-mass masks and components of checkpoints, per head",
         description="One row pair per image, one column group per checkpoint, one column per head: the post-softmax "
-        "[CLS] attention with the outline of its 60% mass, and the connected components of ReLU(S - mean). Images "
+        "attention of the query ([CLS], or the mean patch query of a model without one) with the outline of its "
+        "60% mass, and the connected components of ReLU(S - mean). Images "
         "are resized to --img-size without a crop; checkpoints trained at another size are resampled.",
         epilog="example: sarvit attention --checkpoint runs/baseline --checkpoint runs/sar --data voc2012 "
         "--data-root ~/data --images 4 --img-size 480 --output attention.png",
@@ -260,7 +261,8 @@ def _add_jaccard(sub) -> None:
     p = sub.add_parser(
         "jaccard",
         help="Jaccard similarity of the thresholded attention with object masks (Table 11 protocol)",
-        description="Per head keep 60% of the post-softmax [CLS] attention mass at --img-size x --img-size, upsample "
+        description="Per head keep 60% of the post-softmax attention mass of the query ([CLS] or mean patch query) at"
+        " --img-size x --img-size, upsample "
         "it by the key grid's stride, take the best IoU over heads for each object class of an image (0 and 255 "
         "excluded), average over the objects, then over the images. Void pixels (255) count in the union, as in the "
         "published evaluation, unless --void-fix. The query is the class token, or the mean patch query for models "

@@ -184,8 +184,8 @@ def plot_attention_figure(
     widths = [n * PANEL + (n - 1) * HEAD_GAP for n in heads]  # panels of a group, without its colour bar
     groups = [w + BAR_GAP + COLORBAR + BAR_LABELS for w in widths]  # with it
     width = LEFT + PANEL + sum(GROUP_GAP + g for g in groups) + RIGHT
-    heading = _fit(title or "Last block, per head: [CLS] attention, its 60%-mass mask and components of "
-                   "ReLU(S - mean)", width - 2 * MARGIN, TITLE_SIZE, bold=True)
+    heading = _fit(title or "Last block, per head: query ([CLS] or mean) attention, its 60%-mass mask and "
+                   "components of ReLU(S - mean)", width - 2 * MARGIN, TITLE_SIZE, bold=True)
     names = [_fit(m.name, g, NAME_SIZE, bold=True) for m, g in zip(models, groups)]
     names_top = MARGIN + _lines(heading) * TITLE_SIZE * LINE + 0.08
     top = names_top + max(_lines(n) for n in names) * NAME_SIZE * LINE + 0.12
@@ -212,7 +212,8 @@ def plot_attention_figure(
         if b == 0:
             ax = lay.axes(LEFT, row[1], PANEL, 2 * PANEL + TITLE)
             ax.axis("off")
-            ax.text(0, 0.5, f"row 1: [CLS] attention\n(post-softmax), colour bar\nper model\n\nrow 2: the patches "
+            ax.text(0, 0.5, f"row 1: the query's\nattention ([CLS] or mean\npatch query; post-softmax),"
+                    f"\ncolour bar per model\n\nrow 2: the patches "
                     f"holding\n{fraction} of the attention\nmass; the others darkened\n\nrow 3: components\nof "
                     "ReLU(S - mean),\none colour each;\nSE: spatial entropy", fontsize=7, va="center",
                     transform=ax.transAxes)
