@@ -20,8 +20,8 @@ import tempfile
 from pathlib import Path
 
 from . import __version__
-from .config import (CHOICES, COMMAND_TASKS, FIELDS, RULES, ConfigError, check_field, load_config, parse_value,
-                     task_fields)
+from .config import (CHOICES, COMMAND_TASKS, FIELDS, RULES, TASK_DEFAULTS, ConfigError, check_field, load_config,
+                     parse_value, task_fields)
 from .errors import user_message
 
 __all__ = ["main", "build_parser"]
@@ -60,15 +60,18 @@ def _metavar(name: str) -> str:
     return {bool: "true|false", int: "N", float: "X", dict: "YAML", tuple: "LO,HI"}.get(kind, "TEXT")
 
 
-def _add_config_options(p, task: str, flags: dict[str, str] | None = None,
+def _add_config_options(p, tasks: tuple[str, ...], flags: dict[str, str] | None = None,
                         required: tuple[str, ...] = ()) -> None:
-    """One option per field ``task`` reads (``sarvit.config.task_fields``), in titled groups;
+    """One option per field the ``tasks`` read (``sarvit.config.task_fields``), in titled groups;
     ``flags`` renames some (field -> flag), ``required`` must be given."""
     flags = flags or {}
+    p.allow_abbrev = False  # `--checkpoint` must not be read as --checkpoint-interval
     order = list(FIELDS)
     starts = [(order.index(first), title) for title, first in TRAIN_GROUPS]
+    task_defaults = TASK_DEFAULTS.get(tasks[0], {}) if len(tasks) == 1 else {}
     groups: dict[str, argparse._ArgumentGroup] = {}
-    for name in task_fields(task):
+    read = {name for task in tasks for name in task_fields(task)}
+    for name in (n for n in order if n in read):
         if name == "task" and name not in flags:
             continue
         title = [t for i, t in starts if i <= order.index(name)][-1]
@@ -76,6 +79,7 @@ def _add_config_options(p, task: str, flags: dict[str, str] | None = None,
         f = FIELDS[name]
         flag = flags.get(name) or ("--lambda" if name == "lambda_" else "--" + name.replace("_", "-"))
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        default = task_defaults.get(name, default)
         rule = RULES[name]
         admits = f"{rule.requirement()}; " if rule.range is not None else ""
         shown = "required" if name in required else f"default: {default}"
@@ -97,7 +101,7 @@ def _add_train(sub) -> None:
         epilog="example: sarvit train --config fashion_mnist_cpu --sar false --output runs/fmnist-baseline",
     )
     p.add_argument("--config", metavar="RECIPE", help="YAML recipe: a file, or a shipped recipe's name")
-    _add_config_options(p, "supervised")
+    _add_config_options(p, ("supervised",))
 
 
 def _add_finetune(sub) -> None:
@@ -112,7 +116,7 @@ def _add_finetune(sub) -> None:
         epilog="example: sarvit finetune --pretrained runs/dino-sar --config cifar100_finetune --sar true",
     )
     p.add_argument("--config", metavar="RECIPE", help="YAML recipe: a file, or a shipped recipe's name")
-    _add_config_options(p, "supervised", required=("pretrained",))
+    _add_config_options(p, ("supervised",), required=("pretrained",))
 
 
 def _add_pretrain(sub) -> None:
@@ -127,7 +131,7 @@ def _add_pretrain(sub) -> None:
         epilog="example: sarvit pretrain --config fashion_mnist_dino_cpu --sar true --output runs/dino-sar",
     )
     p.add_argument("--config", metavar="RECIPE", help="YAML recipe: a file, or a shipped recipe's name")
-    _add_config_options(p, "dino", flags={"task": "--method"})
+    _add_config_options(p, COMMAND_TASKS["pretrain"], flags={"task": "--method"})
 
 
 def _add_linprobe(sub) -> None:
@@ -140,7 +144,7 @@ def _add_linprobe(sub) -> None:
         epilog="example: sarvit linprobe --checkpoint runs/dino-sar --config fashion_mnist_linprobe_cpu",
     )
     p.add_argument("--config", metavar="RECIPE", help="YAML recipe: a file, or a shipped recipe's name")
-    _add_config_options(p, "linprobe", flags={"pretrained": "--checkpoint"}, required=("pretrained",))
+    _add_config_options(p, ("linprobe",), flags={"pretrained": "--checkpoint"}, required=("pretrained",))
 
 
 def _add_dense(sub) -> None:
@@ -159,7 +163,7 @@ def _add_dense(sub) -> None:
         "--config stamps_detect_cpu --output runs/stamps-sar-detect",
     )
     p.add_argument("--config", metavar="RECIPE", help="YAML recipe: a file, or a shipped recipe's name")
-    _add_config_options(p, "detect", flags={"pretrained": "--backbone"}, required=("pretrained",))
+    _add_config_options(p, ("detect",), flags={"pretrained": "--backbone"}, required=("pretrained",))
     p = sub.add_parser(
         "segment",
         help="fine-tune a pre-trained ViT for semantic segmentation: ViTDet pyramid + FPN head (Table 6)",
@@ -172,7 +176,7 @@ def _add_dense(sub) -> None:
         "--config stamps_segment_cpu --output runs/stamps-sar-segment",
     )
     p.add_argument("--config", metavar="RECIPE", help="YAML recipe: a file, or a shipped recipe's name")
-    _add_config_options(p, "segment", flags={"pretrained": "--backbone"}, required=("pretrained",))
+    _add_config_options(p, ("segment",), flags={"pretrained": "--backbone"}, required=("pretrained",))
 
 
 def _add_eval(sub) -> None:
@@ -406,7 +410,11 @@ def _run_config(args: argparse.Namespace, command: str):
             overrides["output"] = os.path.abspath(recipe.parent)
             overrides.setdefault("resume", None)
             overrides.setdefault("extend", False)
-    cfg = load_config(config, overrides, command=command)  # option errors answer before torch is imported
+    ignored: list[str] = []
+    cfg = load_config(config, overrides, command=command, ignored=ignored)  # errors answer before torch is imported
+    if ignored:
+        print(f"sarvit {command}: note: --method {cfg.task} does not read these options of the recipe (they are "
+              f"the other method's): {', '.join(ignored)}", file=sys.stderr)
     if command == "finetune" and cfg.pretrained is None:
         raise ConfigError("sarvit finetune needs --pretrained: a run folder or weights file to start from")
     if command == "linprobe" and cfg.pretrained is None:

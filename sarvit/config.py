@@ -312,6 +312,10 @@ _SUPERVISED_ONLY = ("objective", "drloc_lambda", "drloc_warmup_epochs", "drloc_p
                     "model_ema_decay")
 _SSL_ONLY = tuple(n for n in FIELDS if list(FIELDS).index("global_crops_scale") <= list(FIELDS).index(n)
                   <= list(FIELDS).index("stop_grad_conv1"))
+_DINO_ONLY = ("global_crops_scale", "local_crops_number", "local_crops_scale", "local_crop_size", "out_dim",
+              "norm_last_layer", "warmup_teacher_temp", "teacher_temp", "warmup_teacher_temp_epochs",
+              "momentum_teacher", "freeze_last_layer", "weight_decay_end")
+_MOCO_ONLY = tuple(n for n in _SSL_ONLY if n not in _DINO_ONLY)
 _TRANSFER = ("pretrained", "pretrained_which")
 _PROBE_ONLY = ("n_last_blocks", "avgpool_patchtokens")
 _DENSE_ONLY = ("dense_size", "dense_channels", "dense_masks", "warmup_steps")
@@ -327,7 +331,8 @@ def task_fields(task: str) -> tuple[str, ...]:
     if task == "supervised":
         skip = set(_SSL_ONLY) | set(_PROBE_ONLY) | set(_DENSE_ONLY)
     elif task in ("dino", "mocov3"):
-        skip = set(_SUPERVISED_ONLY) | set(_TRANSFER) | set(_PROBE_ONLY) | set(_CROPS) | set(_DENSE_ONLY)
+        skip = (set(_SUPERVISED_ONLY) | set(_TRANSFER) | set(_PROBE_ONLY) | set(_CROPS) | set(_DENSE_ONLY)
+                | set(_MOCO_ONLY if task == "dino" else _DINO_ONLY))
     elif task == "linprobe":
         skip = set(_SUPERVISED_ONLY) | set(_SSL_ONLY) | set(_SAR) | {"drop_path"} | set(_DENSE_ONLY)
     elif task in ("detect", "segment"):
@@ -449,14 +454,18 @@ def read_recipe(path: str | Path) -> dict[str, Any]:
 
 
 def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None, *,
-                command: str = "train") -> TrainConfig:
+                command: str = "train", ignored: list | None = None) -> TrainConfig:
     """Defaults <- YAML recipe (a path or a shipped recipe's name) <- ``overrides``.
 
     ``command`` (train, finetune, pretrain, linprobe) says which options exist: a key that
     belongs to another command's task is refused, in the recipe as on the command line.
+    One exception: a recipe's options of the other self-supervised method (a DINO recipe run
+    with ``--method mocov3``) are left out and their names appended to ``ignored`` (for the
+    command to say so); given on the command line, they are refused.
     """
     values: dict[str, Any] = {}
     overridden = {field_name(key) for key in overrides or {}}
+    recipe: dict[str, Any] = {}
     if path is not None:
         recipe = read_recipe(path)
         try:  # a recipe's own mistakes name the recipe (those of values the command line replaces too)
@@ -466,18 +475,28 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
                     check_field(name, parse_value(name, value))
         except ConfigError as err:
             raise ConfigError(f"{recipe_path(str(path))}: {err}") from None
-        values.update(recipe)
-    values.update(overrides or {})
-    task = _task_of(command, values, path)
-    values["task"] = task
+    task = _task_of(command, {**recipe, **(overrides or {})}, path)
+    values = {**TASK_DEFAULTS.get(task, {}), **recipe, **(overrides or {}), "task": task}
     allowed = set(task_fields(task))
-    for key in values:
+    other_method = set(_DINO_ONLY if task == "mocov3" else _MOCO_ONLY if task == "dino" else ())
+    for key in list(values):
         name = field_name(key)
-        if name not in allowed:
-            where = "--" + shown_name(name).replace("_", "-") if name in overridden else f"{shown_name(name)} in {path}"
-            raise ConfigError(f"{where}: not an option of `sarvit {command}`{_owner_hint(name)}")
+        if name in allowed:
+            continue
+        if name in other_method and name not in overridden:
+            del values[key]
+            if ignored is not None:
+                ignored.append(shown_name(name))
+            continue
+        where = "--" + shown_name(name).replace("_", "-") if name in overridden else f"{shown_name(name)} in {path}"
+        raise ConfigError(f"{where}: not an option of `sarvit {TASK_COMMAND[task]}`{_owner_hint(name)}")
     return apply_overrides(TrainConfig(), values)
 
+
+# a task's defaults where they differ from TrainConfig's (DeiT's): DINO's linear evaluation (eval_linear.py:
+# SGD with momentum 0.9, no weight decay, lr 0.001 x batch / 256, no warm-up, cosine to 0, 100 epochs)
+TASK_DEFAULTS = {"linprobe": {"opt": "sgd", "momentum": 0.9, "weight_decay": 0.0, "base_lr": 0.002,
+                              "warmup_epochs": 0, "min_lr": 0.0, "epochs": 100}}
 
 COMMAND_TASKS = {"train": ("supervised",), "finetune": ("supervised",), "pretrain": ("dino", "mocov3"),
                  "linprobe": ("linprobe",), "detect": ("detect",), "segment": ("segment",)}
@@ -505,8 +524,10 @@ def _owner_hint(name: str) -> str:
     owners = [t for t in TASKS if name in task_fields(t)]
     if not owners:
         return ""
-    return " (it is one of `sarvit " + "`, `sarvit ".join(dict.fromkeys(TASK_COMMAND[t].split(" --")[0]
-                                                                      for t in owners)) + "`)"
+    commands = [TASK_COMMAND[t] for t in owners]
+    if "pretrain --method dino" in commands and "pretrain --method mocov3" in commands:
+        commands = [c for c in commands if not c.startswith("pretrain --method")] + ["pretrain"]
+    return " (it is one of `sarvit " + "`, `sarvit ".join(dict.fromkeys(commands)) + "`)"
 
 
 def apply_overrides(cfg: TrainConfig, values: dict[str, Any]) -> TrainConfig:

@@ -148,6 +148,11 @@ def resolve_weights(path: str | Path, which: str = "best") -> Path:
         raise WeightsNotFound(f"no such file or run folder: {path}")
     if (path / STATE).is_file():  # a checkpoint folder (checkpoints/step-N, checkpoints/last): its own weights
         own = path / (EMA_WEIGHTS if which == "best_ema" else WEIGHTS)
+        if own.is_file() and read_metadata(own).get("task") in ("dino", "mocov3"):
+            raise WeightsNotFound(f"checkpoint {path} of a self-supervised pre-training holds the whole "
+                                  f"{read_metadata(own)['task']} module (student, teacher, heads), not one model; "
+                                  f"give its run folder ({path.parent.parent}: its backbone.safetensors), or "
+                                  "`sarvit finetune --pretrained` this folder with --pretrained-which")
         if own.is_file():
             return own
         raise WeightsNotFound(f"checkpoint {path} holds no {own.name}; looked for: {own}")

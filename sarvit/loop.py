@@ -136,12 +136,12 @@ def _run(cfg, task: Task, dist: Dist, stack: ExitStack) -> dict[str, Any]:
         torch.use_deterministic_algorithms(True)
     task.build()
     _read_first_batch(task.data, cfg.batch_size)
-    _write_run_folder(cfg, dist, plan, task.data, stack)
     seed_everything(cfg.seed + dist.rank)  # drop-path and Mixup draw differently on each rank
     state = LoopState()
     tally = Tally(dist.device)
-    if plan.resume_from is not None:
+    if plan.resume_from is not None:  # before anything is written: a refused resume changes nothing
         plan.notes += _restore(plan, cfg, dist, task, state, tally)
+    _write_run_folder(cfg, dist, plan, task.data, stack)
     net = task.net
     if dist.world > 1:
         net = torch.nn.parallel.DistributedDataParallel(
@@ -416,8 +416,9 @@ def _restore(plan: Plan, cfg, dist: Dist, task: Task, state: LoopState, tally: T
     else:
         task.scheduler.load_state_dict(saved["scheduler"])
     if plan.extend_from is not None:
-        notes.append(f"extending the run from {plan.extend_from} to {cfg.epochs} epochs: the learning-rate and "
-                     f"lambda schedules are recomputed for {cfg.epochs} epochs (lr now "
+        notes.append(f"extending the run from {plan.extend_from} to {cfg.epochs} epochs: the schedules (learning "
+                     f"rate, lambda, and a pre-training's teacher momentum and weight decay) are recomputed for "
+                     f"{cfg.epochs} epochs (lr now "
                      f"{task.optimizer.param_groups[0]['lr']:.3g})")
     tally.reset(saved.get("epoch_tally") if state.step_in_epoch else None)
     return notes

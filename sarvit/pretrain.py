@@ -253,6 +253,9 @@ def _build_method(cfg: TrainConfig, layout: str) -> nn.Module:
                             model_kwargs=_backbone_kwargs(cfg), layout=layout, query=cfg.query)
     if cfg.task == "dino":
         patch = _patch_size(backbone)
+        if cfg.local_crops_number and cfg.local_crop_size > cfg.img_size:
+            raise ConfigError(f"local_crop_size {cfg.local_crop_size} is larger than the global crops (img_size "
+                              f"{cfg.img_size}); DINO's local crops are the small ones (96 against 224)")
         if cfg.local_crops_number and patch and cfg.local_crop_size % patch:
             raise ConfigError(f"local_crop_size {cfg.local_crop_size} is not a multiple of {cfg.model}'s patch size "
                               f"{patch}; choose a multiple (DINO: 96 for patch 16)")
@@ -269,16 +272,16 @@ def _patch_size(model: nn.Module) -> int | None:
 
 
 def _build_optimizer(cfg: TrainConfig, method: nn.Module, data: Data, dist: Dist):
-    """AdamW (or ``--opt``) over the trained parameters, no decay on biases and norms (DINO's
-    groups), and timm's schedule per step. Groups that decay are marked ``decays``."""
+    """AdamW (or ``--opt``) over the trained parameters (DINO: no decay on biases and norms; MoCo v3:
+    decay on all, as its code), and timm's schedule per step. Groups that decay are marked ``decays``."""
     from timm.optim import create_optimizer_v2
     from timm.scheduler import create_scheduler_v2
 
     lr = cfg.lr if cfg.lr is not None else cfg.base_lr * cfg.batch_size * dist.world / 512
     decay, no_decay = [], []
-    for p in method.parameters():
+    for p in method.parameters():  # DINO: no decay on biases and norms; MoCo v3 decays every parameter
         if p.requires_grad:
-            (no_decay if p.ndim <= 1 else decay).append(p)
+            (no_decay if p.ndim <= 1 and cfg.task == "dino" else decay).append(p)
     groups = [{"params": decay, "weight_decay": cfg.weight_decay, "decays": True},
               {"params": no_decay, "weight_decay": 0.0, "decays": False}]
     optimizer = create_optimizer_v2(groups, opt=cfg.opt, lr=lr, weight_decay=cfg.weight_decay,

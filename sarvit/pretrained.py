@@ -287,9 +287,14 @@ def _tensors(state: dict, path: Path) -> dict:
 
 
 def _refuse_which(which: str | None, path: Path, what: str) -> None:
-    if which is not None:
-        raise ConfigError(f"which={which!r} picks the network of a {WHICH[which]} checkpoint, but {path} is {what}; "
-                          "leave which unset")
+    if which is None:
+        return
+    if path.name == BACKBONE:
+        raise ConfigError(f"which={which!r}: {path} holds one network, the one a pre-training evaluates (DINO: the "
+                          "teacher, MoCo v3: the base encoder); for another, give the run's checkpoint folder "
+                          f"({path.parent / 'checkpoints' / 'last'}) with the same which")
+    raise ConfigError(f"which={which!r} picks the network of a {WHICH[which]} checkpoint, but {path} is {what}; "
+                      "leave which unset")
 
 
 def _dino(obj: dict, which: str, path: Path) -> Checkpoint:

@@ -288,7 +288,8 @@ def _banner(cfg, dist, data: Data, layout, parts, plan: Plan) -> str:
     params = sum(p.numel() for p in parts.model.parameters()) / 1e6
     what = _objective_text(cfg)
     lines = [
-        f"sarvit train: {cfg.model} ({params:.2f}M params, last block {layout}) - {what}",
+        f"sarvit {'finetune' if cfg.pretrained else 'train'}: {cfg.model} ({params:.2f}M params, last block {layout}) "
+        f"- {what}",
         f"  query: {_query_text(cfg.query, sar_block(parts.model).query)}",
         f"  data {cfg.data}: {data.train_size} train / {data.val_size} val images, {len(data.classes)} classes, "
         f"{data.steps_per_epoch} steps/epoch of {cfg.batch_size} x {dist.world} process(es)",

@@ -183,6 +183,7 @@ BAD_VALUES = [
 
 # the command whose options these are (the others are sarvit train's)
 COMMAND_OF = {**{name: "pretrain" for name in task_fields("dino") if name not in task_fields("supervised")},
+              **{name: "mocov3" for name in task_fields("mocov3") if name not in task_fields("supervised")},
               **{name: "linprobe" for name in task_fields("linprobe") if name not in task_fields("supervised")},
               **{name: "detect" for name in task_fields("detect") if name not in task_fields("supervised")}}
 
@@ -190,9 +191,9 @@ COMMAND_OF = {**{name: "pretrain" for name in task_fields("dino") if name not in
 @pytest.mark.parametrize("option,value,message", BAD_VALUES)
 def test_every_bad_value_is_refused_naming_the_option(option, value, message):
     command = COMMAND_OF.get(option, "train")
-    task = {"pretrain": {"task": "dino"}, "linprobe": {"pretrained": "run"}, "detect": {"pretrained": "run"}}.get(command, {})
+    task = {"pretrain": {"task": "dino"}, "mocov3": {"task": "mocov3"}, "linprobe": {"pretrained": "run"}, "detect": {"pretrained": "run"}}.get(command, {})
     with pytest.raises(ConfigError) as caught:
-        load_config(None, {option: value, **task}, command=command)
+        load_config(None, {option: value, **task}, command="pretrain" if command == "mocov3" else command)
     assert message in str(caught.value)
     assert str(caught.value).startswith(option)
 

@@ -15,13 +15,17 @@ from tests.conftest import TINY_MODEL
 TINY = TINY_MODEL[:2] + TINY_MODEL[4:]  # the tiny ViT without its --img-size
 
 
-def pretrain_args(data, output, *extra):
-    """A tiny DINO run: 16 px global and 8 px local crops on a 4x4 grid ViT, 6 steps an epoch."""
+DINO_TINY = ["--local-crop-size", "8", "--local-crops-number", "2", "--out-dim", "64", "--warmup-teacher-temp-epochs", "1"]
+
+
+def pretrain_args(data, output, *extra, dino_options=True):
+    """A tiny DINO run (16 px global and 8 px local crops on a 4x4 grid ViT, 6 steps an epoch);
+    ``dino_options=False`` leaves out the DINO-only options (for --method mocov3)."""
     return [
         "pretrain", "--config", "fashion_mnist_dino_cpu", "--data", str(data), "--output", str(output), *TINY,
-        "--img-size", "16", "--local-crop-size", "8", "--local-crops-number", "2", "--per-class", "12",
-        "--val-per-class", "5", "--epochs", "2", "--batch-size", "8", "--out-dim", "64", "--warmup-epochs", "1",
-        "--warmup-teacher-temp-epochs", "1", "--eval-interval", "1", "--device", "cpu", *extra,
+        "--img-size", "16", *(DINO_TINY if dino_options else []), "--per-class", "12", "--val-per-class", "5",
+        "--epochs", "2", "--batch-size", "8", "--warmup-epochs", "1", "--eval-interval", "1", "--device", "cpu",
+        *extra,
     ]
 
 
@@ -61,7 +65,7 @@ def test_pretrain_logs_the_method_terms_and_writes_a_timm_backbone(image_folder,
     import timm
 
     out = tmp_path / "run"
-    run_ok(pretrain_args(image_folder, out, "--method", method, "--sar", sar))
+    run_ok(pretrain_args(image_folder, out, "--method", method, "--sar", sar, dino_options=method == "dino"))
     rows = read_metrics(out / "metrics.jsonl")
     assert [r["epoch"] for r in rows] == [1, 2]
     term = "train_dino" if method == "dino" else "train_moco"
@@ -115,13 +119,14 @@ def test_pretrain_resumed_mid_epoch_gives_bitwise_the_same_run(image_folder, tmp
     from tests.test_resume import interrupt_after_checkpoint
 
     extra = ["--method", method, "--sar", "true", "--checkpoint-interval", "4", "--drop-path", "0.1"]
+    dino = method == "dino"
     full = tmp_path / "full"
-    run_ok(pretrain_args(image_folder, full, *extra))
+    run_ok(pretrain_args(image_folder, full, *extra, dino_options=dino))
     cut = tmp_path / "cut"
     interrupt_after_checkpoint(monkeypatch, 4)  # inside epoch 1
-    assert main([str(a) for a in pretrain_args(image_folder, cut, *extra)]) == 130
+    assert main([str(a) for a in pretrain_args(image_folder, cut, *extra, dino_options=dino)]) == 130
     monkeypatch.undo()
-    run_ok(pretrain_args(image_folder, cut, *extra, "--resume", "auto"))
+    run_ok(pretrain_args(image_folder, cut, *extra, "--resume", "auto", dino_options=dino))
     a = load_file(str(full / "checkpoints" / "last" / "model.safetensors"))
     b = load_file(str(cut / "checkpoints" / "last" / "model.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)  # student, teacher, centre
@@ -163,8 +168,10 @@ def test_linprobe_refuses_to_resume_on_a_changed_backbone(dino_sar, tmp_path, ca
     import json
 
     save_file(weights, str(copy), metadata={ckpt.METADATA_KEY: json.dumps(ckpt_meta)})
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file() and p.name != "lock"}
     err = run_fails(probe_args(data, copy, out, "--epochs", "2", "--extend", "true", "--resume", "auto"), capsys)
     assert "changed since this probe started" in err
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file() and p.name != "lock"} == before  # nothing changed
 
 
 def test_finetune_keeps_the_pretrained_last_block_and_reports_the_keys(dino_sar, tmp_path, capsys):
@@ -210,9 +217,29 @@ def test_a_recipe_option_of_another_command_is_refused(tmp_path, capsys):
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text("task: dino\nmixup: 0.5\n")
     err = run_fails(["pretrain", "--config", recipe], capsys)
-    assert f"mixup in {recipe}: not an option of `sarvit pretrain` (it is one of `sarvit train`)" in err
+    assert f"mixup in {recipe}: not an option of `sarvit pretrain --method dino` (it is one of `sarvit train`)" in err
     with pytest.raises(SystemExit):  # argparse knows the command's options
         main(["pretrain", "--method", "dino", "--mixup", "0.5"])
+
+
+def test_the_other_method_s_options_are_refused_on_the_command_line_and_named_from_a_recipe(image_folder, tmp_path,
+                                                                                         capsys):
+    err = run_fails(pretrain_args(image_folder, tmp_path / "a", "--method", "mocov3", "--teacher-temp", "0.05",
+                                  dino_options=False), capsys)
+    assert "--teacher-temp: not an option of `sarvit pretrain --method mocov3` (it is one of `sarvit pretrain " \
+           "--method dino`)" in err and not (tmp_path / "a").exists()
+    err = run_fails(pretrain_args(image_folder, tmp_path / "b", "--moco-t", "0.5"), capsys)
+    assert "--moco-t: not an option of `sarvit pretrain --method dino`" in err
+    # the DINO recipe with --method mocov3: its DINO options are named and left out, not applied
+    out = tmp_path / "moco"
+    capsys.readouterr()
+    run_ok(pretrain_args(image_folder, out, "--method", "mocov3", "--epochs", "1", dino_options=False))
+    err = capsys.readouterr().err
+    assert "--method mocov3 does not read these options of the recipe" in err and "weight_decay_end" in err
+    saved = (out / "config.yaml").read_text()
+    assert "teacher_temp" not in saved and "weight_decay_end" not in saved and "moco_t: 0.2" in saved
+    state = torch.load(out / "checkpoints" / "last" / "state.pt", weights_only=False)
+    assert {g["weight_decay"] for g in state["optimizer"]["param_groups"]} == {0.04, 0.0}  # no DINO decay schedule
 
 
 def test_a_pretrain_run_is_not_resumed_by_sarvit_train(dino_sar, capsys):
@@ -236,7 +263,7 @@ def test_pretrain_under_torchrun_with_two_processes(image_folder, tmp_path, meth
 
     out = tmp_path / "run"
     args = pretrain_args(image_folder, out, "--method", method, "--sar", "true", "--batch-size", "4",
-                         "--epochs", "1")
+                         "--epochs", "1", dino_options=method == "dino")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
                            "-m", "sarvit", *map(str, args)], env=env, capture_output=True, text=True, timeout=300)
@@ -293,3 +320,31 @@ def test_jaccard_scores_a_pretrained_backbone(dino_sar, tmp_path):
         rows = list(csv.DictReader(f))
     assert [r["objects"] for r in rows] == ["2", "2", "2", "0"]
     assert all(0.0 <= float(r["mean"]) <= 1.0 for r in rows[:3])
+
+
+def test_review_refusals_of_the_transfer_commands(dino_sar, tmp_path, capsys):
+    data, run = dino_sar
+    # another command's flag is not read as a prefix of one of this command's
+    with pytest.raises(SystemExit):
+        main(["pretrain", "--method", "dino", "--checkpoint", str(run)])
+    assert "unrecognized arguments: --checkpoint" in capsys.readouterr().err
+    # a pretrain checkpoint folder holds the whole DINO module: the analysis says what to give instead
+    err = run_fails(["attention", "--checkpoint", run / "checkpoints" / "last", "--data", data, "--output",
+                     tmp_path / "a.png", "--device", "cpu"], capsys)
+    assert "holds the whole dino module" in err and "backbone.safetensors" in err
+    # --pretrained-which on the exported backbone names the checkpoint folder holding the other network
+    err = run_fails(probe_args(data, run, tmp_path / "p", "--pretrained-which", "student"), capsys)
+    assert str(run / "checkpoints" / "last") in err and not (tmp_path / "p").exists()
+    # local crops larger than the global ones
+    err = run_fails(pretrain_args(data, tmp_path / "big", "--local-crop-size", "32"), capsys)
+    assert "local_crop_size 32 is larger than the global crops" in err
+
+
+def test_linprobe_defaults_are_dino_s_protocol():
+    from sarvit.config import load_config
+
+    cfg = load_config(None, {"pretrained": "run"}, command="linprobe")
+    # eval_linear.py: SGD, momentum 0.9, no weight decay, lr 0.001 x batch / 256 (= 0.002 x batch / 512), no warm-up
+    assert (cfg.opt, cfg.momentum, cfg.weight_decay, cfg.base_lr, cfg.warmup_epochs, cfg.min_lr, cfg.epochs) == \
+        ("sgd", 0.9, 0.0, 0.002, 0, 0.0, 100)
+    assert load_config(None, {}, command="train").opt == "adamw"  # sarvit train keeps DeiT's

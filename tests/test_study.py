@@ -371,7 +371,7 @@ def test_pretrain_and_probe_commands(tmp_path):
     ({"command": "finetune"}, "command must be one of train, pretrain"),
     ({"command": "train"}, "probe: only a pretrain study"),
     ({"methods": {"x": {"method": "supervised"}}, "baseline": "x"}, "task supervised is `sarvit train`'s"),
-    ({"methods": {"x": {"mixup": 0.2}}, "baseline": "x"}, "not an option of `sarvit pretrain`"),
+    ({"methods": {"x": {"mixup": 0.2}}, "baseline": "x"}, "not an option of `sarvit pretrain --method"),
 ])
 def test_bad_pretrain_studies_are_refused_before_anything_runs(tmp_path, spec, message):
     with pytest.raises(ConfigError) as err:
