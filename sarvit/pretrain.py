@@ -33,7 +33,7 @@ from torch import nn
 
 from . import checkpoint as ckpt
 from .config import ConfigError, TrainConfig, default_output, resolved_layout
-from .data import SeededTransform, build_loader, build_transform, open_dataset, stratified_subset
+from .data import SeededTransform, build_loader, build_transform
 from .data.pipeline import DATASET_STATS, IMAGENET_STATS
 from .distributed import Dist, all_reduce_sum, gather_objects
 from .engine import LoopState, autocast, resolve_amp
@@ -299,20 +299,10 @@ def _build_optimizer(cfg: TrainConfig, method: nn.Module, data: Data, dist: Dist
 def _build_data(cfg: TrainConfig, dist: Dist) -> Data:
     """Views of the training images for the method; the evaluation transform of the training
     images (the k-NN bank) and of the validation images."""
-    from .data.classes import check_same_classes
     from .ssl.views import collate_views, dino_views, mocov3_views
+    from .train import open_splits
 
-    raw_train = open_dataset(cfg.data, cfg.data_root, "train", cfg.download)
-    raw_val = open_dataset(cfg.data, cfg.data_root, "val", cfg.download)
-    check_same_classes(raw_train.classes, raw_val.classes, f"the train split of {cfg.data}", "its val split",
-                       "Give both splits the same classes (for a folder: the same class folders, spelled the same).")
-    indices = None
-    if cfg.per_class is not None or cfg.train_fraction is not None:
-        indices = stratified_subset(raw_train.targets, per_class=cfg.per_class, fraction=cfg.train_fraction,
-                                    seed=cfg.seed)
-    val_indices = None
-    if cfg.val_per_class is not None:  # the same images for every seed
-        val_indices = stratified_subset(raw_val.targets, per_class=cfg.val_per_class, seed=0, option="val_per_class")
+    raw_train, raw_val, indices, val_indices = open_splits(cfg)
     mean, std = DATASET_STATS.get(cfg.data, IMAGENET_STATS)
     if cfg.task == "dino":
         views = dino_views(cfg.img_size, cfg.local_crop_size, cfg.local_crops_number,

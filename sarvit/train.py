@@ -126,9 +126,11 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
 # --- data, model, optimisation ----------------------------------------------------------------
 
 
-def build_data(cfg: TrainConfig, dist: Dist) -> Data:
-    """The labelled training and validation data of ``cfg``, as the loop needs it."""
-    from .data.classes import check_same_classes, class_count_warnings, class_counts
+def open_splits(cfg: TrainConfig):
+    """``(raw_train, raw_val, indices, val_indices)``: the two splits of ``cfg.data`` (the same classes) and
+    the stratified subsets ``--per-class`` / ``--train-fraction`` (seeded) and ``--val-per-class`` (seed 0 for
+    every run: all seeds are scored on the same images) ask for, or None."""
+    from .data.classes import check_same_classes
 
     raw_train = open_dataset(cfg.data, cfg.data_root, "train", cfg.download)
     raw_val = open_dataset(cfg.data, cfg.data_root, "val", cfg.download)
@@ -136,13 +138,22 @@ def build_data(cfg: TrainConfig, dist: Dist) -> Data:
                        "Give both splits the same classes (for a folder: the same class folders, spelled the same).")
     indices = None
     if cfg.per_class is not None or cfg.train_fraction is not None:
-        indices = stratified_subset(raw_train.targets, per_class=cfg.per_class, fraction=cfg.train_fraction, seed=cfg.seed)
+        indices = stratified_subset(raw_train.targets, per_class=cfg.per_class, fraction=cfg.train_fraction,
+                                    seed=cfg.seed)
+    val_indices = None
+    if cfg.val_per_class is not None:
+        val_indices = stratified_subset(raw_val.targets, per_class=cfg.val_per_class, seed=0, option="val_per_class")
+    return raw_train, raw_val, indices, val_indices
+
+
+def build_data(cfg: TrainConfig, dist: Dist) -> Data:
+    """The labelled training and validation data of ``cfg``, as the loop needs it."""
+    from .data.classes import class_count_warnings, class_counts
+
+    raw_train, raw_val, indices, val_indices = open_splits(cfg)
     classes = raw_train.classes or [str(i) for i in range(int(raw_train.targets.max()) + 1)]
     train_counts = class_counts(raw_train.targets if indices is None else raw_train.targets[indices], len(classes),
                                 "the training set")
-    val_indices = None
-    if cfg.val_per_class is not None:  # seed 0 for every run: all seeds are scored on the same images
-        val_indices = stratified_subset(raw_val.targets, per_class=cfg.val_per_class, seed=0, option="val_per_class")
     val_counts = class_counts(raw_val.targets if val_indices is None else raw_val.targets[val_indices], len(classes),
                               f"the val split of {cfg.data}")
     warnings = class_count_warnings(train_counts, val_counts, classes)
