@@ -187,7 +187,7 @@ class LinprobeTask:
 
         from .engine import SupervisedStep, resolve_amp
         from .factory import create_model
-        from .loop import seed_everything
+        from .loop import grad_scaler, learning_rate, seed_everything
         from .objectives import SupervisedObjective
         from . import checkpoint as ckpt
         from .pretrained import load_pretrained, read_checkpoint, weights_file
@@ -211,11 +211,9 @@ class LinprobeTask:
         self.model = LinearClassifier(features.feature_dim, len(self.data.classes))
         self.net = ProbeNet(features, self.model).to(dist.device)
         self.amp = resolve_amp(cfg.amp, dist.device)
-        self.ema, self.scaler = None, None
-        if self.amp == "fp16" and dist.device.type == "cuda":
-            self.scaler = torch.amp.GradScaler(dist.device.type)
+        self.ema, self.scaler = None, grad_scaler(self.amp, dist.device)
         self.objective = SupervisedObjective(nn.CrossEntropyLoss())
-        lr = cfg.lr if cfg.lr is not None else cfg.base_lr * cfg.batch_size * dist.world / 512
+        lr = learning_rate(cfg, dist.world)
         self.optimizer = create_optimizer_v2(self.model, opt=cfg.opt, lr=lr, weight_decay=cfg.weight_decay,
                                              momentum=cfg.momentum)
         self.scheduler, _ = create_scheduler_v2(

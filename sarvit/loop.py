@@ -51,7 +51,8 @@ from .errors import ConfigError
 from .runlog import RunLog, read_metrics
 from .runs import RunFolder, RunLock, atomic_write, remove, run_folder_of
 
-__all__ = ["Data", "Plan", "Task", "run", "seed_everything", "epoch_text", "BASE_RESUMABLE"]
+__all__ = ["Data", "Plan", "Task", "run", "seed_everything", "epoch_text", "steps_per_epoch", "learning_rate",
+           "grad_scaler", "BASE_RESUMABLE"]
 
 # options that may change when any run is resumed: they do not alter the experiment
 BASE_RESUMABLE = frozenset({"resume", "output", "workers", "log_interval", "device", "eval_interval",
@@ -207,6 +208,25 @@ def _run(cfg, task: Task, dist: Dist, stack: ExitStack) -> dict[str, Any]:
         print(task.summary_text(summary))
     barrier()
     return summary
+
+
+def steps_per_epoch(train_size: int, batch_size: int, world: int) -> int:
+    """Full batches per epoch on each of ``world`` processes; a ConfigError when there is none."""
+    steps = (train_size // world) // batch_size
+    if steps == 0:
+        raise ConfigError(f"the training set has {train_size} images: fewer than one batch of {batch_size} "
+                          f"per process ({world} processes); lower --batch-size")
+    return steps
+
+
+def learning_rate(cfg, world: int) -> float:
+    """``--lr``, or ``--base-lr`` scaled by the global batch over 512."""
+    return cfg.lr if cfg.lr is not None else cfg.base_lr * cfg.batch_size * world / 512
+
+
+def grad_scaler(amp: str, device: torch.device):
+    """fp16 on CUDA needs a GradScaler; every other precision and device none."""
+    return torch.amp.GradScaler(device.type) if amp == "fp16" and device.type == "cuda" else None
 
 
 def epoch_text(row: dict[str, Any]) -> str:

@@ -40,7 +40,8 @@ from .engine import LoopState, autocast, resolve_amp
 from .entropy import spatial_entropy
 from .factory import create_model
 from .knn import knn_predict
-from .loop import BASE_RESUMABLE, Data, Plan, epoch_text, run, seed_everything
+from .loop import (BASE_RESUMABLE, Data, Plan, epoch_text, grad_scaler, learning_rate, run, seed_everything,
+                   steps_per_epoch)
 from .runlog import read_metrics
 from .runs import RunFolder
 from .surgery import sar_block
@@ -82,8 +83,7 @@ class PretrainTask:
         self.amp = resolve_amp(cfg.amp, dist.device)
         self.ema = None  # the teacher / momentum encoder is the method's own
         self.optimizer, self.scheduler = _build_optimizer(cfg, self.model, self.data, dist)
-        self.scaler = torch.amp.GradScaler(dist.device.type) if self.amp == "fp16" and dist.device.type == "cuda" \
-            else None
+        self.scaler = grad_scaler(self.amp, dist.device)
         self.step = PretrainStep(self.model, cfg, self.optimizer, self.data.steps_per_epoch, dist.device, self.amp)
         self.net = self.model
 
@@ -277,7 +277,7 @@ def _build_optimizer(cfg: TrainConfig, method: nn.Module, data: Data, dist: Dist
     from timm.optim import create_optimizer_v2
     from timm.scheduler import create_scheduler_v2
 
-    lr = cfg.lr if cfg.lr is not None else cfg.base_lr * cfg.batch_size * dist.world / 512
+    lr = learning_rate(cfg, dist.world)
     decay, no_decay = [], []
     for p in method.parameters():  # DINO: no decay on biases and norms; MoCo v3 decays every parameter
         if p.requires_grad:
@@ -320,10 +320,7 @@ def _build_data(cfg: TrainConfig, dist: Dist) -> Data:
                                                **common)
     bank_loader, bank_sampler = build_loader(bank_ds, cfg.batch_size, train=False, **common)
     val_loader, val_sampler = build_loader(val_ds, cfg.batch_size, train=False, **common)
-    steps = (len(train_ds) // dist.world) // cfg.batch_size
-    if steps == 0:
-        raise ConfigError(f"the training set has {len(train_ds)} images: fewer than one batch of {cfg.batch_size} "
-                          f"per process ({dist.world} processes); lower --batch-size")
+    steps = steps_per_epoch(len(train_ds), cfg.batch_size, dist.world)
     classes = raw_train.classes or [str(i) for i in range(int(raw_train.targets.max()) + 1)]
     data = Data(train_loader, train_sampler, val_loader, val_sampler, steps, len(train_ds), len(val_ds), classes)
     data.bank_loader, data.bank_sampler = bank_loader, bank_sampler

@@ -22,7 +22,8 @@ from .data import SeededTransform, build_loader, build_transform, open_dataset, 
 from .distributed import Dist
 from .engine import LoopState, SupervisedStep, TrainForward, evaluate, resolve_amp
 from .factory import create_model
-from .loop import BASE_RESUMABLE, Data, Plan, epoch_text, run, seed_everything
+from .loop import (BASE_RESUMABLE, Data, Plan, epoch_text, grad_scaler, learning_rate, run, seed_everything,
+                   steps_per_epoch)
 from .objectives import SupervisedObjective, build_objective, classification_loss, drloc_lambda_at, lambda_at
 from .runlog import read_metrics
 from .runs import RunFolder
@@ -172,10 +173,7 @@ def build_data(cfg: TrainConfig, dist: Dist) -> Data:
                                                world=dist.world, workers=cfg.workers, pin_memory=pin)
     val_loader, val_sampler = build_loader(val_ds, cfg.batch_size, train=False, seed=cfg.seed, rank=dist.rank,
                                            world=dist.world, workers=cfg.workers, pin_memory=pin)
-    steps = (len(train_ds) // dist.world) // cfg.batch_size
-    if steps == 0:
-        raise ConfigError(f"the training set has {len(train_ds)} images: fewer than one batch of {cfg.batch_size} "
-                          f"per process ({dist.world} processes); lower --batch-size")
+    steps = steps_per_epoch(len(train_ds), cfg.batch_size, dist.world)
     return Data(train_loader, train_sampler, val_loader, val_sampler, steps, len(train_ds), len(val_ds),
                 classes, warnings)
 
@@ -186,7 +184,7 @@ def _build_training(cfg: TrainConfig, model, data: Data, dist: Dist, amp: str):
     from timm.scheduler import create_scheduler_v2
     from timm.utils import ModelEmaV3
 
-    lr = cfg.lr if cfg.lr is not None else cfg.base_lr * cfg.batch_size * dist.world / 512
+    lr = learning_rate(cfg, dist.world)
     mixup_active = (cfg.mixup > 0 or cfg.cutmix > 0) and cfg.mixup_prob > 0
     objective = _build_objective(cfg, model, mixup_active).to(dist.device)
     optimizer = create_optimizer_v2(_optimized(model, objective), opt=cfg.opt, lr=lr, weight_decay=cfg.weight_decay,
@@ -195,7 +193,7 @@ def _build_training(cfg: TrainConfig, model, data: Data, dist: Dist, amp: str):
         optimizer, sched=cfg.sched, num_epochs=cfg.epochs, warmup_epochs=cfg.warmup_epochs, warmup_lr=cfg.warmup_lr,
         min_lr=cfg.min_lr, step_on_epochs=False, updates_per_epoch=data.steps_per_epoch,
     )
-    scaler = torch.amp.GradScaler(dist.device.type) if amp == "fp16" and dist.device.type == "cuda" else None
+    scaler = grad_scaler(amp, dist.device)
     ema = ModelEmaV3(model, decay=cfg.model_ema_decay) if cfg.model_ema else None
     mixup = None
     if mixup_active:

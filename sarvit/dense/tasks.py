@@ -162,7 +162,7 @@ class _DenseTask:
 
     def _loaders(self, train_images, val_images, classes: list[str], semantic: bool, masks: bool):
         from ..data.pipeline import build_loader
-        from ..loop import Data
+        from ..loop import Data, steps_per_epoch
         from .datasets import DenseSamples, dense_transform, detection_collate, segmentation_collate
 
         cfg, dist = self.cfg, self.dist
@@ -175,10 +175,7 @@ class _DenseTask:
                       collate_fn=collate)
         train_loader, train_sampler = build_loader(train, cfg.batch_size, train=True, **common)
         val_loader, val_sampler = build_loader(val, cfg.batch_size, train=False, **common)
-        steps = (len(train) // dist.world) // cfg.batch_size
-        if steps == 0:
-            raise ConfigError(f"the training set has {len(train)} images: fewer than one batch of {cfg.batch_size} "
-                              f"per process ({dist.world} processes); lower --batch-size")
+        steps = steps_per_epoch(len(train), cfg.batch_size, dist.world)
         return Data(train_loader, train_sampler, val_loader, val_sampler, steps, len(train), len(val), classes)
 
     def _optimisation(self) -> None:
@@ -186,13 +183,14 @@ class _DenseTask:
         from timm.scheduler import create_scheduler_v2
 
         from ..engine import resolve_amp
+        from ..loop import grad_scaler, learning_rate
 
         cfg, dist = self.cfg, self.dist
         self.amp = resolve_amp(cfg.amp, dist.device)
         self.ema = None
-        self.scaler = torch.amp.GradScaler(dist.device.type) if self.amp == "fp16" and dist.device.type == "cuda" else None
+        self.scaler = grad_scaler(self.amp, dist.device)
         self.objective = nn.Module()  # no state of its own beyond the model's
-        lr = cfg.lr if cfg.lr is not None else cfg.base_lr * cfg.batch_size * dist.world / 512
+        lr = learning_rate(cfg, dist.world)
         self.optimizer = create_optimizer_v2(self.model, opt=cfg.opt, lr=lr, weight_decay=cfg.weight_decay,
                                              momentum=cfg.momentum)
         steps = self.data.steps_per_epoch
