@@ -62,9 +62,7 @@ def _umask() -> int:
 
 
 def file_sha256(path: str | Path) -> str:
-    """The SHA-256 of a file (a backbone a run depends on: its resume refuses a changed one)."""
-    import hashlib
-
+    """The SHA-256 of a file (a checkpoint's files; a backbone a run depends on: its resume refuses a changed one)."""
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -83,18 +81,11 @@ def read_metadata(path: str | Path) -> dict[str, Any]:
     return json.loads(meta.get(METADATA_KEY, "{}"))
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
 
 def _manifest(folder: Path) -> dict[str, Any]:
     files = sorted(p.name for p in folder.iterdir() if p.name in (WEIGHTS, EMA_WEIGHTS, STATE))
     return {"saved_at": time.time(),
-            "files": {name: {"size": (folder / name).stat().st_size, "sha256": _sha256(folder / name)}
+            "files": {name: {"size": (folder / name).stat().st_size, "sha256": file_sha256(folder / name)}
                       for name in files}}
 
 
@@ -122,7 +113,7 @@ def verify_checkpoint(folder: str | Path) -> str | None:
         size = path.stat().st_size
         if size != want["size"]:
             return f"{folder.name}/{name} has {size} bytes, {want['size']} were written"
-        if _sha256(path) != want["sha256"]:
+        if file_sha256(path) != want["sha256"]:
             return f"{folder.name}/{name} does not match the SHA-256 written with it"
     return None
 

@@ -281,6 +281,8 @@ class TrainConfig:
                                  range=AT_LEAST_ONE)
     dense_masks: bool = option(True, "detect: Mask R-CNN with the instance masks when the data has them (false: "
                                "Faster R-CNN, boxes only)")
+    dense_rois: int = option(512, "detect: RoIs sampled per training image for the box and mask heads "
+                             "(torchvision, Detectron2: 512)", range=AT_LEAST_ONE)
     warmup_steps: int = option(0, "detect, segment: linear learning-rate warm-up over N optimizer steps (E.3: 250); "
                                "replaces --warmup-epochs when > 0", range=NON_NEGATIVE)
     # --- run ----------------------------------------------------------------------------
@@ -318,7 +320,7 @@ _DINO_ONLY = ("global_crops_scale", "local_crops_number", "local_crops_scale", "
 _MOCO_ONLY = tuple(n for n in _SSL_ONLY if n not in _DINO_ONLY)
 _TRANSFER = ("pretrained", "pretrained_which")
 _PROBE_ONLY = ("n_last_blocks", "avgpool_patchtokens")
-_DENSE_ONLY = ("dense_size", "dense_channels", "dense_masks", "warmup_steps")
+_DENSE_ONLY = ("dense_size", "dense_channels", "dense_masks", "dense_rois", "warmup_steps")
 # what the dense tasks do not read: their inputs are dense_size squares, their subsets whole splits
 _NOT_DENSE = ("download", "img_size", "per_class", "train_fraction", "val_per_class", "scale", "interpolation",
               "crop_pct", "hflip")
@@ -337,7 +339,7 @@ def task_fields(task: str) -> tuple[str, ...]:
         skip = set(_SUPERVISED_ONLY) | set(_SSL_ONLY) | set(_SAR) | {"drop_path"} | set(_DENSE_ONLY)
     elif task in ("detect", "segment"):
         skip = (set(_SUPERVISED_ONLY) | set(_SSL_ONLY) | set(_PROBE_ONLY) | set(_SAR) | set(_NOT_DENSE)
-                | ({"dense_masks"} if task == "segment" else set()))
+                | ({"dense_masks", "dense_rois"} if task == "segment" else set()))
     else:
         raise ConfigError(f"task must be one of {', '.join(TASKS)}; got {task!r}")
     return tuple(n for n in FIELDS if n not in skip)

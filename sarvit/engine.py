@@ -94,7 +94,7 @@ class LoopState:
     epoch: int = 0  # current epoch (0-based)
     step_in_epoch: int = 0  # optimizer steps already taken in this epoch
     global_step: int = 0
-    best_top1: float = float("-inf")
+    best_score: float = float("-inf")  # the task's validation score (top-1, k-NN top-1, mAP@0.5, mIoU) at best_epoch
     best_epoch: int = -1
 
 

@@ -131,27 +131,9 @@ def linprobe(cfg) -> dict:
     from . import config
     from .loop import run
 
+    from .pretrained import backbone_architecture
+
     return run(backbone_architecture(cfg), LinprobeTask, check=config.validate_with_libraries)
-
-
-def backbone_architecture(cfg):
-    """``cfg`` with ``model`` and ``model_kwargs`` of the weights' sarvit metadata, when they have
-    it (the probe builds what was trained); a different ``--model`` than the default is refused."""
-    import dataclasses
-
-    from .checkpoint import read_metadata
-    from .config import TrainConfig
-    from .pretrained import weights_file
-
-    path = weights_file(cfg.pretrained)
-    meta = read_metadata(path) if path.suffix == ".safetensors" else {}
-    if not meta.get("model"):
-        return cfg
-    if cfg.model not in (TrainConfig().model, meta["model"]):
-        raise ConfigError(f"--model {cfg.model}: the weights {path} are a {meta['model']} (their sarvit metadata "
-                          "says so); leave --model out, the probe builds the architecture that was trained")
-    kwargs = {k: v for k, v in (meta.get("model_kwargs") or {}).items() if k != "dynamic_img_size"}
-    return dataclasses.replace(cfg, model=meta["model"], model_kwargs=kwargs)
 
 
 class LinprobeTask:
@@ -287,7 +269,7 @@ class LinprobeTask:
         rows = read_metrics(run.metrics)
         last = next((r for r in reversed(rows) if "val_top1" in r), {})
         return {"run_dir": str(run.root), "task": "linprobe", "backbone": str(self.weights),
-                "backbone_sha256": self.sha256, "epochs": self.cfg.epochs, "best_top1": state.best_top1,
+                "backbone_sha256": self.sha256, "epochs": self.cfg.epochs, "best_top1": state.best_score,
                 "best_epoch": state.best_epoch,
                 "final": {k.removeprefix("val_"): v for k, v in last.items() if k.startswith("val_")},
                 "train_seconds_this_session": seconds,

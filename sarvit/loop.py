@@ -185,8 +185,8 @@ def _run(cfg, task: Task, dist: Dist, stack: ExitStack) -> dict[str, Any]:
         if (state.epoch + 1) % cfg.eval_interval == 0 or last_epoch:
             row.update(task.validate(state.epoch))
             score = task.score(row)
-            if score is not None and score > state.best_top1:
-                state.best_top1, state.best_epoch = score, state.epoch + 1
+            if score is not None and score > state.best_score:
+                state.best_score, state.best_epoch = score, state.epoch + 1
                 if dist.main:
                     task.save_best(plan.run, {**metadata, "epoch": state.epoch + 1})
         row["epoch_time"] = tally.seconds + time.perf_counter() - epoch_start
@@ -233,7 +233,8 @@ def epoch_text(row: dict[str, Any]) -> str:
     """The start of an epoch's line: the loss, each term, images per second."""
     terms = [k.removeprefix("train_") for k in row if k.startswith("train_") and k != "train_loss"]
     parts = ", ".join(f"{t} {row['train_' + t]:.4f}" for t in terms)
-    return f"epoch {row['epoch']}: loss {row['train_loss']:.4f} ({parts}), {row['images_per_sec']:.0f} img/s"
+    parts = f" ({parts})" if parts else ""
+    return f"epoch {row['epoch']}: loss {row['train_loss']:.4f}{parts}, {row['images_per_sec']:.0f} img/s"
 
 
 # --- run folder and resume ------------------------------------------------------------------
@@ -424,8 +425,9 @@ def _restore(plan: Plan, cfg, dist: Dist, task: Task, state: LoopState, tally: T
     task.optimizer.load_state_dict(saved["optimizer"])
     if task.scaler is not None and saved.get("scaler"):
         task.scaler.load_state_dict(saved["scaler"])
+    loop = {"best_score": saved["loop"].get("best_top1"), **saved["loop"]}  # best_top1: checkpoints written before the rename
     for f in dataclasses.fields(LoopState):
-        setattr(state, f.name, saved["loop"][f.name])
+        setattr(state, f.name, loop[f.name])
     _set_rng_state(saved["rng"][dist.rank], dist.device)
     notes = [f"resuming from {path}"]
     changed = _follow_data_change(saved, state, data)

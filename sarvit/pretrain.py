@@ -146,7 +146,7 @@ class PretrainTask:
         last_eval = next((r for r in reversed(rows) if "val_knn_top1" in r), {})
         return {
             "run_dir": str(run.root), "task": self.cfg.task, "sar": self.cfg.sar, "layout": self.layout,
-            "epochs": self.cfg.epochs, "best_knn_top1": state.best_top1, "best_epoch": state.best_epoch,
+            "epochs": self.cfg.epochs, "best_knn_top1": state.best_score, "best_epoch": state.best_epoch,
             "final": {k.removeprefix("val_"): v for k, v in last_eval.items() if k.startswith("val_")},
             "backbone": str(run.backbone),
             "train_seconds_this_session": seconds,

@@ -38,7 +38,7 @@ from .runs import BACKBONE, RunFolder
 
 __all__ = [
     "BACKBONE", "WHICH", "HEAD", "PROJECTION", "UNEXPECTED", "Checkpoint", "LoadReport", "weights_file",
-    "read_checkpoint", "load_pretrained", "pretrained_layout", "finetune_layout",
+    "read_checkpoint", "load_pretrained", "pretrained_layout", "finetune_layout", "backbone_architecture",
 ]
 
 WHICH = {"teacher": "DINO", "student": "DINO", "base": "MoCo v3", "momentum": "MoCo v3"}
@@ -503,3 +503,23 @@ def finetune_layout(source_layout: str | None, sar: bool, asked_layout: str | No
                           f"pre-training architecture (appendix E.4), {term} the SE term; leave the layout unset "
                           f"(--layout) or set it to {source}, instead of {asked_layout!r}")
     return source
+
+
+def backbone_architecture(cfg):
+    """``cfg`` with ``model`` and ``model_kwargs`` of the sarvit metadata of the weights ``cfg.pretrained``
+    names, when they have it (linprobe, detect and segment build what was trained, and their
+    config.yaml says what it is); a different ``--model`` than the default is refused."""
+    import dataclasses
+
+    from .checkpoint import read_metadata
+    from .config import TrainConfig
+
+    path = weights_file(cfg.pretrained)
+    meta = read_metadata(path) if path.suffix == ".safetensors" else {}
+    if not meta.get("model"):
+        return cfg
+    if cfg.model not in (TrainConfig().model, meta["model"]):
+        raise ConfigError(f"--model {cfg.model}: the weights {path} are a {meta['model']} (their sarvit metadata "
+                          "says so); leave --model out, the backbone is built as it was trained")
+    kwargs = {k: v for k, v in (meta.get("model_kwargs") or {}).items() if k != "dynamic_img_size"}
+    return dataclasses.replace(cfg, model=meta["model"], model_kwargs=kwargs)

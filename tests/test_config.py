@@ -178,6 +178,7 @@ BAD_VALUES = [
     ("dense_size", "16", "dense_size must be in [32, 4096]; got 16"),
     ("dense_size", "5000", "dense_size must be in [32, 4096]"),
     ("dense_channels", "0", "dense_channels must be >= 1"),
+    ("dense_rois", "0", "dense_rois must be >= 1"),
     ("warmup_steps", "-1", "warmup_steps must be >= 0"),
 ]
 

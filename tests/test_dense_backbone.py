@@ -77,3 +77,21 @@ def test_detector_gives_torchvision_losses_and_detections():
     assert set(losses) == {"loss_classifier", "loss_box_reg", "loss_mask", "loss_objectness", "loss_rpn_box_reg"}
     out = detector.eval()([torch.rand(3, 32, 32)])
     assert set(out[0]) == {"boxes", "labels", "scores", "masks"}
+
+
+def test_rois_per_image_sets_how_many_proposals_reach_the_box_head():
+    detector = build_detector(tiny_vit(), 3, 32, masks=False, out_channels=8, rois_per_image=16)
+    seen = []
+    detector.roi_heads.box_head.register_forward_hook(lambda module, inputs, output: seen.append(inputs[0].shape[0]))
+    target = {"boxes": torch.tensor([[6.0, 4, 22, 20]]), "labels": torch.tensor([2])}
+    detector.train()([torch.rand(3, 32, 32), torch.rand(3, 32, 32)], [target, target])
+    assert seen == [2 * 16]
+
+
+@pytest.mark.parametrize("scores,drawn", [([0.7, 0.2, 0.5], [True, False, True]),  # those of 0.5 or more
+                                          ([0.2, 0.4, 0.1], [False, True, False]),  # none: the best alone
+                                          ([], [])])
+def test_the_figure_draws_confident_detections_or_else_the_best_one(scores, drawn):
+    from sarvit.dense.tasks import shown_detections
+
+    assert shown_detections(torch.tensor(scores)).tolist() == drawn

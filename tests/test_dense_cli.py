@@ -3,11 +3,12 @@
 import json
 
 import pytest
+import yaml
 from safetensors.torch import load_file
 
 from sarvit import checkpoint as ckpt
 from sarvit.cli import main
-from tests.dense_fixtures import write_backbone_run, write_coco, write_masks
+from tests.dense_fixtures import TINY_VIT, write_backbone_run, write_coco, write_masks
 
 FAST = ["--dense-size", "32", "--dense-channels", "8", "--batch-size", "4", "--lr", "1e-3", "--warmup-steps", "1",
         "--workers", "0", "--device", "cpu"]
@@ -37,6 +38,8 @@ def test_a_run_writes_records_best_checkpoint_and_figure(tiny, tmp_path, command
     meta = ckpt.read_metadata(out / "best.safetensors")
     assert meta["task"] == command and meta["layout"] == "C" and meta["num_classes"] == (3 if command == "detect" else 4)
     assert (out / "predictions.png").stat().st_size > 1000
+    recorded = yaml.safe_load((out / "config.yaml").read_text())  # the backbone's architecture, not the default's
+    assert (recorded["model"], recorded["model_kwargs"]) == ("vit_tiny_patch16_224", TINY_VIT)
 
 
 def _interrupt_after(monkeypatch, step):

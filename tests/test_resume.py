@@ -347,3 +347,27 @@ def test_a_run_from_before_an_option_existed_resumes_with_its_default(image_fold
     err = run_fails(tiny_train_args(image_folder, out, "--epochs", "2", "--objective", "tv", "--resume", "auto"),
                     capsys)
     assert "objective: run has 'sar', now 'tv'" in err
+
+
+def test_a_checkpoint_that_names_the_best_score_best_top1_still_resumes(image_folder, tmp_path):
+    """Checkpoints written before LoopState.best_top1 became best_score keep their best epoch."""
+    import json
+
+    import torch
+
+    out = tmp_path / "run"
+    run_ok(tiny_train_args(image_folder, out))
+    folder = ckpt.latest_checkpoint(out)
+    state = torch.load(folder / ckpt.STATE, weights_only=False)
+    state["loop"]["best_top1"] = state["loop"].pop("best_score")
+    torch.save(state, folder / ckpt.STATE)
+    manifest = json.loads((folder / ckpt.MANIFEST).read_text())
+    manifest["files"][ckpt.STATE] = {"size": (folder / ckpt.STATE).stat().st_size,
+                                     "sha256": ckpt.file_sha256(folder / ckpt.STATE)}
+    (folder / ckpt.MANIFEST).write_text(json.dumps(manifest))
+    run_ok(tiny_train_args(image_folder, out, "--resume", "auto", "--epochs", "3", "--extend", "true"))
+    rows = [r for r in read_metrics(out / "metrics.jsonl") if "val_top1" in r]
+    best = max(rows, key=lambda r: r["val_top1"])  # the first of equal scores, as training keeps it
+    summary = json.loads((out / "summary.json").read_text())
+    assert [r["epoch"] for r in rows] == [1, 2, 3]
+    assert (summary["best_top1"], summary["best_epoch"]) == (best["val_top1"], best["epoch"])

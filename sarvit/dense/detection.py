@@ -53,13 +53,15 @@ def anchor_sizes(strides: tuple[int, ...]) -> tuple[tuple[int, ...], ...]:
 
 
 def build_detector(vit: nn.Module, num_classes: int, img_size: int, masks: bool = True, out_channels: int = 256,
-                   mean=IMAGENET_MEAN, std=IMAGENET_STD) -> nn.Module:
+                   rois_per_image: int = 512, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> nn.Module:
     """torchvision ``MaskRCNN`` (``masks``) or ``FasterRCNN`` on a ViTDet backbone of ``vit``.
 
     Args:
         vit: a timm ViT (SAR attached or not), weights loaded.
         num_classes: object classes, background excluded (VOC: 20).
         img_size: the side of the square inputs.
+        rois_per_image: proposals sampled per training image for the RoI heads (a quarter at most
+            positive; torchvision's and Detectron2's 512).
     """
     from torchvision.models.detection import FasterRCNN, MaskRCNN
     from torchvision.models.detection.anchor_utils import AnchorGenerator
@@ -69,7 +71,7 @@ def build_detector(vit: nn.Module, num_classes: int, img_size: int, masks: bool 
     sizes = anchor_sizes(backbone.strides)
     anchors = AnchorGenerator(sizes, (ASPECT_RATIOS,) * len(sizes))
     common = dict(num_classes=num_classes + 1, min_size=img_size, max_size=img_size, image_mean=list(mean),
-                  image_std=list(std), rpn_anchor_generator=anchors,
+                  image_std=list(std), rpn_anchor_generator=anchors, box_batch_size_per_image=rois_per_image,
                   box_roi_pool=MultiScaleRoIAlign(list(LEVEL_NAMES), output_size=7, sampling_ratio=2))
     if masks:
         return MaskRCNN(backbone, mask_roi_pool=MultiScaleRoIAlign(list(LEVEL_NAMES), output_size=14,

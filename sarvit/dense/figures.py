@@ -43,36 +43,48 @@ def _boxes(ax, image: np.ndarray, boxes: np.ndarray, labels: np.ndarray, masks: 
     ax.imshow(shown)
 
 
+def _save(fig, path: str | Path) -> Path:
+    from ..runs import atomic_write
+
+    return atomic_write(path, lambda tmp: fig.savefig(tmp, format="png"))
+
+
 def draw_detections(path: str | Path, images: list, truths: list[dict], predictions: list[dict],
-                    classes: list[str]) -> Path:
+                    classes: list[str], shown: str = "") -> Path:
     """One row per image: ground truth (left), predictions (right). Dicts of numpy arrays:
-    ``boxes`` (N, 4), ``labels`` (N,), optional ``masks`` (N, H, W) bool, ``scores`` (N,)."""
+    ``boxes`` (N, 4), ``labels`` (N,), optional ``masks`` (N, H, W) bool, ``scores`` (N,);
+    ``shown`` says which predictions were kept (the right column's title)."""
     fig, axes = _figure(len(images), 2)
     for row, (image, truth, pred) in enumerate(zip(images, truths, predictions)):
         _boxes(axes[row, 0], image, truth["boxes"], truth["labels"], truth.get("masks"), classes)
         _boxes(axes[row, 1], image, pred["boxes"], pred["labels"], pred.get("masks"), classes, pred["scores"])
     axes[0, 0].set_title("ground truth")
-    axes[0, 1].set_title("predictions")
+    axes[0, 1].set_title("predictions" + (f"\n({shown})" if shown else ""), fontsize=10)
     fig.tight_layout()
-    fig.savefig(path)
-    return Path(path)
+    return _save(fig, path)
 
 
-def draw_segmentations(path: str | Path, images: list, truths: list, predictions: list, num_classes: int) -> Path:
-    """One row per image: image, ground-truth class map, predicted class map (``(H, W)`` ids, 255 void in white)."""
+def draw_segmentations(path: str | Path, images: list, truths: list, predictions: list, classes: list[str]) -> Path:
+    """One row per image: image, ground-truth class map, predicted class map (``(H, W)`` ids into ``classes``,
+    id 0 the background in black, 255 void in white); a legend names the classes that appear."""
     from matplotlib import colormaps
     from matplotlib.colors import ListedColormap
+    from matplotlib.patches import Patch
 
-    base = colormaps["tab20"](np.linspace(0, 1, 20))[:, :3]
-    colours = ListedColormap(np.vstack([[[0, 0, 0]], base[np.arange(max(num_classes - 1, 1)) % 20]]))
+    num_classes = len(classes)
+    cmap = colormaps["tab10" if num_classes <= 11 else "tab20"]  # up to 10 classes: the detection figure's colours
+    palette = np.asarray([(0.0, 0.0, 0.0), *(cmap(i % cmap.N)[:3] for i in range(1, max(num_classes, 2)))])  # (K, 3)
     fig, axes = _figure(len(images), 3)
     for row, (image, truth, pred) in enumerate(zip(images, truths, predictions)):
         axes[row, 0].imshow(image)
         for col, ids in ((1, truth), (2, pred)):
             shown = np.ma.masked_equal(ids, 255)
-            axes[row, col].imshow(shown, cmap=colours, vmin=0, vmax=num_classes - 1, interpolation="nearest")
+            axes[row, col].imshow(shown, cmap=ListedColormap(palette), vmin=0, vmax=num_classes - 1,
+                                  interpolation="nearest")
     for col, title in enumerate(("image", "ground truth", "prediction")):
         axes[0, col].set_title(title)
-    fig.tight_layout()
-    fig.savefig(path)
-    return Path(path)
+    present = sorted({int(i) for ids in [*truths, *predictions] for i in np.unique(ids) if i != 255})
+    fig.tight_layout(rect=(0, 0.04, 1, 1))
+    fig.legend(handles=[Patch(facecolor=palette[i], edgecolor="gray", label=classes[i]) for i in present],
+               loc="lower center", ncol=min(len(present), 6), fontsize=8, frameon=False)
+    return _save(fig, path)

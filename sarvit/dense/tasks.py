@@ -13,8 +13,8 @@ of ``--warmup-steps`` 250 optimizer steps, 25 epochs, ``--dense-size`` 512, batc
 - :class:`SegmentTask`: the semantic FPN head; validation: mIoU and pixel accuracy; best
   checkpoint by mIoU.
 
-Each run folder also gets ``predictions.png``: predictions beside the ground truth on the
-first validation images, drawn at the end of the run.
+Each run folder also gets ``predictions.png``: predictions beside the ground truth on
+validation images spread over the split, drawn at the end of the run.
 """
 
 from __future__ import annotations
@@ -29,10 +29,11 @@ from ..checkpoint import file_sha256
 from ..errors import ConfigError
 
 __all__ = ["DetectTask", "SegmentTask", "DetectStep", "SegmentStep", "detect", "segment", "check_dense_config",
-           "FIGURE", "FIGURE_IMAGES"]
+           "shown_detections", "FIGURE", "FIGURE_IMAGES", "SCORE_SHOWN"]
 
 FIGURE = "predictions.png"
 FIGURE_IMAGES = 4
+SCORE_SHOWN = 0.5  # the detections the figure draws (Detectron2's demo threshold)
 
 
 def check_dense_config(cfg):
@@ -53,15 +54,26 @@ def check_dense_config(cfg):
 def detect(cfg) -> dict:
     """Run (or resume) ``sarvit detect``; returns its summary."""
     from ..loop import run
+    from ..pretrained import backbone_architecture
 
-    return run(cfg, DetectTask, check=check_dense_config)
+    return run(backbone_architecture(cfg), DetectTask, check=check_dense_config)
 
 
 def segment(cfg) -> dict:
     """Run (or resume) ``sarvit segment``; returns its summary."""
     from ..loop import run
+    from ..pretrained import backbone_architecture
 
-    return run(cfg, SegmentTask, check=check_dense_config)
+    return run(backbone_architecture(cfg), SegmentTask, check=check_dense_config)
+
+
+def shown_detections(scores: torch.Tensor) -> torch.Tensor:
+    """Which detections the figure draws: ``(N,)`` scores -> ``(N,)`` bool, those of ``SCORE_SHOWN`` or
+    more, else (an uncertain detector) the best one alone, its score printed beside it."""
+    keep = scores >= SCORE_SHOWN
+    if len(scores) and not keep.any():
+        keep[scores.argmax()] = True
+    return keep
 
 
 def _to(target: dict, device: torch.device) -> dict:
@@ -146,9 +158,8 @@ class _DenseTask:
         meta = read_checkpoint(cfg.pretrained, cfg.pretrained_which).metadata
         self.weights = weights_file(cfg.pretrained)
         self.sha256 = file_sha256(self.weights)
-        own = bool(meta.get("model"))
-        self.arch = {"model": meta["model"] if own else cfg.model,
-                     "model_kwargs": meta.get("model_kwargs", {}) if own else cfg.model_kwargs,
+        # model and model_kwargs are the weights' own (backbone_architecture); the last block too
+        self.arch = {"model": cfg.model, "model_kwargs": cfg.model_kwargs,
                      "layout": meta.get("layout") or "A", "query": meta.get("query") or "auto"}
         vit = create_model(self.arch["model"], 0, img_size=None, drop_path=cfg.drop_path,
                            model_kwargs=self.arch["model_kwargs"], layout=self.arch["layout"], query=self.arch["query"])
@@ -250,15 +261,16 @@ class _DenseTask:
         last = next((r for r in reversed(rows) if self.score_key in r), {})
         return {"run_dir": str(run.root), "task": self.command, "backbone": str(self.weights),
                 "backbone_sha256": self.sha256, "epochs": self.cfg.epochs,
-                f"best_{self.score_key.removeprefix('val_')}": state.best_top1, "best_epoch": state.best_epoch,
+                f"best_{self.score_key.removeprefix('val_')}": state.best_score, "best_epoch": state.best_epoch,
                 "final": {k.removeprefix("val_"): v for k, v in last.items() if k.startswith("val_")},
                 "train_seconds_this_session": seconds,
                 "train_seconds_total": sum(r.get("epoch_time", 0.0) for r in rows)}
 
     def _figure_samples(self):
-        """The first validation images as ``(image (3, S, S), target)`` pairs."""
+        """``FIGURE_IMAGES`` validation images spread evenly over the split (a split sorted by class shows
+        several classes) as ``(image (3, S, S), target)`` pairs."""
         count = min(FIGURE_IMAGES, len(self.val_images))
-        return [self.val_images[(0, i)] for i in range(count)]
+        return [self.val_images[(0, i * len(self.val_images) // count)] for i in range(count)]
 
 
 class DetectTask(_DenseTask):
@@ -282,7 +294,7 @@ class DetectTask(_DenseTask):
         seed_everything(cfg.seed)
         vit = self._backbone()
         self.model = build_detector(vit, len(train.classes), cfg.dense_size, masks=self.masks,
-                                    out_channels=cfg.dense_channels).to(dist.device)
+                                    out_channels=cfg.dense_channels, rois_per_image=cfg.dense_rois).to(dist.device)
         self.strides = self.model.backbone.strides
         self.net = self.model
         self._optimisation()
@@ -310,7 +322,9 @@ class DetectTask(_DenseTask):
         return {f"val_{k}": v for k, v in score.compute().items()}
 
     def epoch_line(self, row: dict) -> str:
-        text = f"epoch {row['epoch']}: loss {row['train_loss']:.4f}, {row['images_per_sec']:.1f} img/s"
+        from ..loop import epoch_text
+
+        text = epoch_text(row)
         if "val_map_50" in row:
             text += f" | val box mAP@0.5 {row['val_map_50']:.4f} mAP {row['val_map']:.4f}"
             if "val_mask_map_50" in row:
@@ -335,11 +349,12 @@ class DetectTask(_DenseTask):
             images.append(image.permute(1, 2, 0).numpy())  # (S, S, 3)
             truths.append({"boxes": target["boxes"].numpy(), "labels": target["labels"].numpy(),
                            "masks": target["masks"].bool().numpy() if self.masks else None})
-            keep = pred["scores"] >= 0.5
+            keep = shown_detections(pred["scores"])
             preds.append({"boxes": pred["boxes"][keep].cpu().numpy(), "labels": pred["labels"][keep].cpu().numpy(),
                           "scores": pred["scores"][keep].cpu().numpy(),
                           "masks": (pred["masks"][keep, 0] > 0.5).cpu().numpy() if self.masks else None})
-        draw_detections(run.root / FIGURE, images, truths, preds, self.data.classes)
+        draw_detections(run.root / FIGURE, images, truths, preds, self.data.classes,
+                        shown=f"score >= {SCORE_SHOWN}, else the best one")
 
 
 class SegmentTask(_DenseTask):
@@ -389,7 +404,9 @@ class SegmentTask(_DenseTask):
         return {"val_miou": mean_iou(confusion.cpu()), "val_pixel_acc": float(confusion.diagonal().sum() / total)}
 
     def epoch_line(self, row: dict) -> str:
-        text = f"epoch {row['epoch']}: loss {row['train_loss']:.4f}, {row['images_per_sec']:.1f} img/s"
+        from ..loop import epoch_text
+
+        text = epoch_text(row)
         if "val_miou" in row:
             text += f" | val mIoU {row['val_miou']:.4f}, pixel accuracy {row['val_pixel_acc']:.4f}"
         return text
@@ -409,4 +426,4 @@ class SegmentTask(_DenseTask):
         logits = self.model(torch.stack([image for image, _ in samples]).to(self.dist.device))
         predicted = logits.argmax(1).cpu().numpy()  # (n, S, S)
         draw_segmentations(run.root / FIGURE, [im.permute(1, 2, 0).numpy() for im, _ in samples],
-                           [m.numpy() for _, m in samples], list(predicted), len(self.data.classes))
+                           [m.numpy() for _, m in samples], list(predicted), self.data.classes)

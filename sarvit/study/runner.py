@@ -154,7 +154,7 @@ def check_probe_folder(study: Study, run: Run) -> None:
         old = load_config(saved, command="linprobe")
     except ConfigError:
         return  # a damaged config.yaml: the probe itself says what is wrong when it resumes
-    from ..linprobe import backbone_architecture
+    from ..pretrained import backbone_architecture
 
     # the probe builds the backbone's own architecture (its sarvit metadata), as `sarvit linprobe` records it
     new = backbone_architecture(load_config(study.probe.recipe, probe_options(study.probe, run), command="linprobe"))
