@@ -301,7 +301,8 @@ def _add_study(sub) -> None:
     p = sub.add_parser(
         "study", help="run a grid of trainings over seeds and write a report",
         description="Expand a study file (methods x grid cells x seeds over any `sarvit train` option, or `sarvit "
-        "pretrain` ones with a linear probe of every run: `command: pretrain`, `probe:`) into runs, "
+        "pretrain` ones with a linear probe of every run: `command: pretrain`, `probe:`; `transfer:` fine-tunes "
+        "every run's weights with `sarvit detect` / `sarvit segment` after its training) into runs, "
         "run those not finished yet (an interrupted run continues from its checkpoint), then write report.md, "
         "report.html (self-contained), runs.csv and figures/ into the output folder: mean +- std over seeds and "
         "each method's difference to the baseline with a paired 95% confidence interval.",
@@ -313,7 +314,8 @@ def _add_study(sub) -> None:
                    "relative to the output; else DIR/runs); studies that share it share identical runs")
     p.add_argument("--set", action="append", default=[], metavar="OPTION=VALUE",
                    help="set a sarvit train option in every run, over what the study file says (repeatable), "
-                   "e.g. --set data_root=/data/imagenet; probe.OPTION=VALUE sets it in every linear probe")
+                   "e.g. --set data_root=/data/imagenet; probe.OPTION=VALUE sets it in every linear probe, "
+                   "detect.OPTION=VALUE / segment.OPTION=VALUE in every such transfer stage")
     p.add_argument("--jobs", type=_positive_int("jobs"), default=1,
                    help="runs side by side (default 1); each gets cores/jobs threads, or one of --devices")
     p.add_argument("--threads", type=_positive_int("threads"), help="threads per run (default cores/jobs)")
@@ -571,13 +573,12 @@ def _cmd_study(args: argparse.Namespace) -> int:
     devices = [d.strip() for d in args.devices.split(",") if d.strip()] if args.devices else None
     if args.devices is not None and not devices:
         raise ConfigError(f"--devices {args.devices!r} names no GPU; give indices such as 0,1")
-    from .study.runner import check_runs, probe_command, run_study, status_of, train_command
+    from .study.runner import all_commands, check_runs, run_study, status_of
 
     if args.list:
         for run in study.runs:
             print(f"{status_of(run):11s} {run.method} | {run.cell or '-'} | seed {run.seed}: "
-                  f"{shlex.join(train_command(study, run, args.torchrun))}"
-                  + (f" && {shlex.join(probe_command(study, run, args.torchrun))}" if run.probe else ""))
+                  + " && ".join(shlex.join(command) for _, command in all_commands(study, run, args.torchrun)))
         return 0
     failed = []
     if args.report_only:

@@ -503,3 +503,214 @@ def test_the_report_of_a_pretrain_study_holds_the_probes_numbers(ssl_runs, tmp_p
     figures = sorted(p.name for p in (path.parent / "figures").glob("*.png"))
     assert figures == ["attention.png", "curves-01-all.png"]
     assert "probed by `sarvit linprobe`" in text and "Spatial entropy per head" not in text
+
+
+# --- transfer stages: sarvit detect / sarvit segment on every run's weights ----------------------------
+
+TRANSFER = {"detect": {"recipe": "stamps_detect_cpu", "options": {"epochs": 3, "dense_size": 64}},
+            "segment": {"recipe": "stamps_segment_cpu"}}
+
+
+def test_transfer_stages_and_their_exact_commands(tmp_path):
+    from sarvit.cli import build_parser
+    from sarvit.config import FIELDS
+    from sarvit.study.runner import all_commands, stage_command
+
+    plain = load_study(write_study(tmp_path / "plain.yaml"), tmp_path / "out")
+    study = load_study(write_study(tmp_path / "s.yaml", transfer=TRANSFER), tmp_path / "out")
+    assert [(s.command, Path(s.recipe).name, s.options) for s in study.transfer] == [
+        ("detect", "stamps_detect_cpu.yaml", {"epochs": 3, "dense_size": 64}),
+        ("segment", "stamps_segment_cpu.yaml", {})]
+    # the training runs are those of the same study without transfer: studies share them
+    assert [r.id for r in study.runs] == [r.id for r in plain.runs]
+    run = study.runs[3]
+    assert (run.method, run.seed) == ("SAR", 1)
+    assert run.stages == {"detect": run.folder / "detect", "segment": run.folder / "segment"}
+    detect = str(resources.files("sarvit").joinpath("configs", "stamps_detect_cpu.yaml"))
+    segment = str(resources.files("sarvit").joinpath("configs", "stamps_segment_cpu.yaml"))
+    folder = str(run.folder.resolve())
+    assert stage_command(study, run, study.transfer[0]) == [
+        sys.executable, "-m", "sarvit", "detect", "--config", str(Path(detect).resolve()), "--epochs", "3",
+        "--dense-size", "64", "--backbone", folder, "--output", folder + "/detect", "--seed", "1", "--resume", "auto"]
+    assert stage_command(study, run, study.transfer[1], torchrun=2) == [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m", "sarvit", "segment",
+        "--config", str(Path(segment).resolve()), "--backbone", folder, "--output", folder + "/segment", "--seed", "1",
+        "--resume", "auto"]
+    assert [stage for stage, _ in all_commands(study, run)] == ["train", "detect", "segment"]
+    # the command parses into the configuration the study checked
+    args = build_parser().parse_args(stage_command(study, run, study.transfer[0])[3:])
+    cfg = load_config(args.config, {k: v for k, v in vars(args).items() if k in FIELDS}, command="detect")
+    assert (cfg.task, cfg.pretrained, cfg.seed, cfg.epochs, cfg.dense_size, cfg.output) == (
+        "detect", folder, 1, 3, 64, folder + "/detect")
+    # --set detect.X / segment.X set it in every such stage, over the file's options; runs are untouched
+    again = load_study(write_study(tmp_path / "s.yaml", transfer=TRANSFER), tmp_path / "out",
+                       extra={"detect.epochs": "2", "segment.epochs": "7", "epochs": "4"})
+    assert again.transfer[0].options == {"epochs": 2, "dense_size": 64}
+    assert again.transfer[1].options == {"epochs": 7} and again.runs[0].options["epochs"] == 4
+
+
+@pytest.mark.parametrize("transfer, extra, message", [
+    ({"classify": {"recipe": "stamps_detect_cpu"}}, None,
+     "transfer: unknown stage(s) classify; a stage is one of detect, segment"),
+    ({"detect": {"options": {"epochs": 2}}}, None, "transfer.detect.recipe must name a sarvit detect recipe"),
+    ({"detect": {"recipe": "stamps_detect_cpu", "epochs": 2}}, None, "transfer.detect: unknown key(s) epochs"),
+    ({"detect": {"recipe": "stamps_detect_cpu", "options": {"epochs": 0}}}, None,
+     "transfer.detect: epochs must be >= 1; got 0"),
+    ({"segment": {"recipe": "stamps_segment_cpu", "options": {"dense_size": 16}}}, None,
+     "transfer.segment: dense_size must be in [32, 4096]"),
+    ({"segment": {"recipe": "stamps_segment_cpu", "options": {"dense_rois": 64}}}, None,
+     "not an option of `sarvit segment`"),
+    ({"detect": {"recipe": "stamps_segment_cpu"}}, None, "task segment is `sarvit segment`'s, not `sarvit detect`'s"),
+    ({"detect": {"recipe": "stamps_detect_cpu", "options": {"backbone": "runs/x"}}}, None,
+     "transfer.detect.options: 'backbone' is set by the study itself"),
+    ({"segment": {"recipe": "stamps_segment_cpu", "options": {"pretrained": "runs/x"}}}, None,
+     "transfer.segment.options: 'pretrained' is set by the study itself"),
+    ({"detect": {"recipe": "stamps_detect_cpu", "options": {"seed": 3}}}, None, "'seed' is set by the study itself"),
+    ({"detect": {"recipe": "stamps_detect_cpu", "options": {"output": "o"}}}, None,
+     "'output' is set by the study itself"),
+    ({"detect": {"recipe": "stamps_detect_cpu", "options": {"resume": "auto"}}}, None,
+     "'resume' is set by the study itself"),
+    ({}, None, "transfer: name at least one stage (detect, segment)"),
+    ({"segment": {"recipe": "stamps_segment_cpu"}}, {"detect.epochs": "2"},
+     "--set detect.epochs: the study has no transfer.detect stage"),
+    ({"detect": {"recipe": "stamps_detect_cpu"}}, {"detect.epochz": "2"}, "--set detect: unknown option 'epochz'"),
+    ({"detect": {"recipe": "stamps_detect_cpu"}}, {"detect.backbone": "x"}, "'backbone' is set by the study itself"),
+])
+def test_bad_transfer_sections_are_refused_before_anything_runs(tmp_path, transfer, extra, message):
+    with pytest.raises(ConfigError) as err:
+        load_study(write_study(tmp_path / "s.yaml", transfer=transfer), tmp_path / "out", extra=extra)
+    assert message in str(err.value)
+    assert not (tmp_path / "out").exists()
+    with pytest.raises(ConfigError, match="--set segment.epochs: the study has no transfer.segment stage"):
+        load_study(write_study(tmp_path / "plain.yaml"), tmp_path / "out", extra={"segment.epochs": "2"})
+
+
+def test_a_pretrain_study_probes_then_transfers(tmp_path):
+    from sarvit.study.runner import commands_of
+
+    study = load_study(ssl_study(tmp_path, tmp_path / "data", transfer={"segment": {"recipe": "stamps_segment_cpu"}}),
+                       tmp_path / "out")
+    run = study.runs[0]
+    assert run.stages == {"segment": run.folder / "segment"} and run.probe == run.folder / "linprobe"
+    assert [stage for stage, _ in commands_of(study, run)] == ["train", "probe", "segment"]
+
+
+def _summary(folder: Path) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "summary.json").write_text("{}")
+
+
+def test_a_run_is_finished_only_with_every_stage_and_an_interrupted_stage_resumes(tmp_path):
+    from sarvit.study.runner import commands_of
+
+    study = load_study(write_study(tmp_path / "s.yaml", transfer=TRANSFER, seeds=[0]), tmp_path / "out")
+    run = study.runs[0]
+    assert status_of(run) == "new" and [s for s, _ in commands_of(study, run)] == ["train", "detect", "segment"]
+    _summary(run.folder)  # trained, no stage yet
+    assert status_of(run) == "interrupted" and [s for s, _ in commands_of(study, run)] == ["detect", "segment"]
+    (run.folder / "detect" / "checkpoints" / "step-00000004").mkdir(parents=True)  # detect stopped mid-way
+    assert status_of(run) == "interrupted"
+    todo = commands_of(study, run)
+    assert [s for s, _ in todo] == ["detect", "segment"]
+    assert todo[0][1][-6:] == ["--output", str((run.folder / "detect").resolve()), "--seed", "0", "--resume", "auto"]
+    _summary(run.folder / "detect")
+    assert status_of(run) == "interrupted" and [s for s, _ in commands_of(study, run)] == ["segment"]
+    _summary(run.folder / "segment")
+    assert status_of(run) == "finished" and commands_of(study, run) == []
+    (run.folder / "summary.json").unlink()  # stages cannot stand for an unfinished training
+    assert status_of(run) == "interrupted" and [s for s, _ in commands_of(study, run)] == ["train"]
+
+
+DENSE_FAST = {"dense_size": 32, "dense_channels": 8, "batch_size": 4, "lr": 1e-3, "warmup_steps": 1, "workers": 0,
+              "device": "cpu", "epochs": 1}
+
+
+@pytest.mark.slow
+def test_a_study_trains_then_fine_tunes_and_a_failed_stage_lets_the_other_run(tmp_path):
+    """One tiny training, then detect (first on missing data: it fails) and segment; the second pass runs only
+    the failed stage."""
+    from tests.dense_fixtures import write_coco, write_masks
+
+    from sarvit.study.report import write_report
+
+    data = make_image_folder(tmp_path / "data")
+    coco, masks = write_coco(tmp_path / "coco", train=8, val=4), write_masks(tmp_path / "masks", train=8, val=4)
+    transfer = {"detect": {"recipe": "stamps_detect_cpu", "options": {**DENSE_FAST, "data": f"coco_json:{coco}"}},
+                "segment": {"recipe": "stamps_segment_cpu", "options": {**DENSE_FAST, "data": f"masks:{masks}"}}}
+    spec = tiny_study(tmp_path, data, seeds=[0], methods={"SAR": {}}, baseline="SAR", transfer=transfer)
+    broken = load_study(spec, tmp_path / "out", extra={"detect.data": f"coco_json:{tmp_path / 'nothing'}"})
+    run = broken.runs[0]
+    lines = []
+    assert run_study(broken, say=lines.append) == [run]
+    assert any("FAILED SAR | seed 0 (its detect stage)" in line for line in lines)
+    assert RunFolder(run.folder).summary.is_file() and RunFolder(run.stages["segment"]).summary.is_file()
+    assert not RunFolder(run.stages["detect"]).summary.is_file() and status_of(run) == "interrupted"
+    trained = {p: RunFolder(p).summary.stat().st_mtime_ns for p in (run.folder, run.stages["segment"])}
+    study = load_study(spec, tmp_path / "out")
+    lines = []
+    assert run_study(study, say=lines.append) == []
+    assert "1 run (0 finished, 1 to resume, 0 new)" in lines[0]
+    assert status_of(run) == "finished"
+    assert {p: RunFolder(p).summary.stat().st_mtime_ns for p in trained} == trained  # nothing ran twice
+    log = (study.runs_dir / "logs" / f"{run.id}.log").read_text()
+    assert [log.count(f"-m sarvit {c} ") for c in ("train", "detect", "segment")] == [1, 2, 1]
+    for command, key in (("detect", "map_50"), ("segment", "miou")):
+        saved = yaml.safe_load(RunFolder(run.stages[command]).config.read_text())
+        assert (saved["task"], saved["seed"], saved["epochs"]) == (command, 0, 1)
+        assert Path(saved["pretrained"]) == run.folder.resolve()
+    # the report: each stage's final value (its summary, in %), its predictions copied beside the report
+    report = write_report(study, tmp_path / "report")
+    text = report.read_text()
+    for command, key, title in (("detect", "map_50", "### Detection"), ("segment", "miou", "### Semantic")):
+        final = json.loads(RunFolder(run.stages[command]).summary.read_text())["final"][key]
+        row = next(line for line in text.split(title)[1].splitlines() if line.startswith("| SAR |"))
+        assert row.split("|")[3].strip() == f"{100 * final:.2f} ± n/a"
+        figure = tmp_path / "report" / "figures" / f"{command}-SAR-seed0.png"
+        assert figure.read_bytes() == (run.stages[command] / "predictions.png").read_bytes()
+        assert f"(figures/{command}-SAR-seed0.png)" in text
+
+
+def test_a_stage_folder_made_with_other_options_is_refused_at_start(tmp_path):
+    from sarvit.config import to_dict
+    from sarvit.dense.tasks import check_dense_config
+    from sarvit.pretrained import backbone_architecture
+    from sarvit.study.runner import check_runs
+    from sarvit.study.spec import stage_options
+    from tests.dense_fixtures import write_backbone_run
+
+    study = load_study(write_study(tmp_path / "s.yaml", transfer=TRANSFER, seeds=[0]), tmp_path / "out")
+    run, detect = study.runs[1], study.transfer[0]
+    write_backbone_run(run.folder)  # what the stage fine-tunes: a tiny ViT, its architecture in its metadata
+
+    def made_with(options: dict) -> None:  # config.yaml as `sarvit detect` writes it (data made absolute)
+        cfg = backbone_architecture(check_dense_config(load_config(
+            detect.recipe, {**stage_options(detect, run), **options}, command="detect")))
+        run.stages["detect"].mkdir(parents=True, exist_ok=True)
+        RunFolder(run.stages["detect"]).config.write_text(yaml.safe_dump(to_dict(cfg)))
+
+    import os
+
+    spelled = os.path.relpath(run.folder)  # the same backbone, spelled otherwise
+    made_with({"epochs": 5, "workers": 0, "pretrained": spelled})
+    with pytest.raises(ConfigError, match=r"the detect stage .*/detect was made with other options \(epochs 5 -> 3\)"):
+        check_runs(study)
+    made_with({"workers": 0, "pretrained": spelled})  # what a study need not match: workers, the path spelling
+    check_runs(study)
+
+
+def test_the_dense_study_adds_stages_to_the_runs_of_the_jaccard_study():
+    from sarvit.study.spec import stage_options
+
+    dense, jaccard = load_study("cpu_stamps_dense"), load_study("cpu_stamps_jaccard")
+    assert [(r.id, r.method, r.seed, r.options) for r in dense.runs] == \
+        [(r.id, r.method, r.seed, r.options) for r in jaccard.runs]
+    assert (dense.recipe, dense.baseline, dense.methods, dense.seeds) == (
+        jaccard.recipe, jaccard.baseline, jaccard.methods, jaccard.seeds)
+    assert not dense.attention and not dense.jaccard
+    assert [(s.command, Path(s.recipe).name, s.options) for s in dense.transfer] == [
+        ("detect", "stamps_detect_cpu.yaml", {}), ("segment", "stamps_segment_cpu.yaml", {})]
+    for run in dense.runs:
+        assert run.stages == {"detect": run.folder / "detect", "segment": run.folder / "segment"}
+        for stage in dense.transfer:
+            cfg = load_config(stage.recipe, stage_options(stage, run), command=stage.command)
+            assert (cfg.task, cfg.pretrained, cfg.seed) == (stage.command, str(run.folder), run.seed)

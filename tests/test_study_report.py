@@ -376,3 +376,157 @@ def test_pretrain_report_numbers_by_hand(tmp_path):
     assert "`dino_sar-2` (dino_sar, all runs, seed 2): unfinished (pre-trained; its probe is missing)" in text
     with Image.open(path.parent / "figures" / "curves-01-all.png") as im:
         assert im.format == "PNG" and im.width > 3 * 400  # three panels: the DINO loss, k-NN top-1, SE
+
+
+# --- transfer stages: detect and segment folders written by hand ----------------------------------------
+
+# final box mAP@0.5 per (method, seed) (fractions, as the dense tasks log them); SAR seed 2 stopped after epoch 1
+DETECT = {("baseline", 0): 0.40, ("baseline", 1): 0.50, ("baseline", 2): 0.45, ("SAR", 0): 0.44, ("SAR", 1): 0.53,
+          ("SAR", 2): 0.60}
+# final mIoU per (method, seed); baseline seed 1 never segmented
+SEGMENT = {("baseline", 0): 0.30, ("baseline", 2): 0.36, ("SAR", 0): 0.35, ("SAR", 1): 0.20, ("SAR", 2): 0.38}
+
+
+def fake_stage(folder: Path, command: str, value: float, seed: int, finished: bool = True) -> None:
+    """Three epochs: evaluated at epochs 1 and 2 (epoch 1 better), epoch 3 trains only; the final values are
+    epoch 2's."""
+    folder.mkdir(parents=True)
+    (folder / "config.yaml").write_text(yaml.safe_dump({"task": command, "seed": seed}))
+    rows = []
+    for epoch in (1, 2, 3):
+        row = {"epoch": epoch, "step": 4 * epoch, "train_loss": 1.0 / epoch, "epoch_time": 10.0 + epoch + seed}
+        if epoch < 3:
+            v = value + (0.1 if epoch == 1 else 0.0)
+            if command == "detect":
+                row.update({"val_map_50": v, "val_map": v / 2, "val_map_75": v / 3, "val_mask_map_50": v - 0.05,
+                            "val_mask_map": v / 4})
+            else:
+                row.update({"val_miou": v, "val_pixel_acc": 0.9 - v / 10})
+        rows.append(row)
+    (folder / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in (rows if finished else rows[:1])))
+    if finished:
+        (folder / "summary.json").write_text(json.dumps({"final": {}}))
+        Image.new("RGB", (40, 20), (seed * 50, 100, 200 if command == "detect" else 0)).save(folder / "predictions.png")
+
+
+@pytest.fixture(scope="module")
+def transfer_report(tmp_path_factory):
+    import dataclasses
+
+    from sarvit.study.spec import Stage
+
+    root = tmp_path_factory.mktemp("transfer")
+    study = fake_study(root, missing=())
+    runs = []
+    for run in study.runs:
+        stages = {"detect": run.folder / "detect", "segment": run.folder / "segment"}
+        key = (run.method, run.seed)
+        fake_stage(stages["detect"], "detect", DETECT[key], run.seed, finished=key != ("SAR", 2))
+        if key in SEGMENT:
+            fake_stage(stages["segment"], "segment", SEGMENT[key], run.seed)
+        runs.append(dataclasses.replace(run, stages=stages))
+    stages = (Stage("detect", "stamps_detect_cpu.yaml", {"epochs": 4}), Stage("segment", "stamps_segment_cpu.yaml", {}))
+    study = dataclasses.replace(study, runs=runs, transfer=stages)
+    return study, write_report(study, root / "report")
+
+
+def _rows(section: str) -> dict[str, list[str]]:
+    return {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[1:-1]]
+            for line in section.splitlines() if line.startswith("| ") and not line.startswith("| method")}
+
+
+def _expected_difference(sar: list[float], base: list[float]) -> str:
+    from scipy import stats
+
+    test = stats.ttest_rel(sar, base)
+    interval = test.confidence_interval(0.95)
+    mean = np.mean(np.subtract(sar, base))
+    return f"{mean:+.2f} [{interval.low:+.2f}, {interval.high:+.2f}]", f"{test.pvalue:.3g}"
+
+
+def test_transfer_tables_by_hand(transfer_report):
+    _, path = transfer_report
+    text = path.read_text()
+    section = _section(text, "## Transfer")
+    assert "last evaluated epoch" in section
+    detect = _rows(_section(section, "### Detection (Mask R-CNN, ViTDet simple feature pyramid): cell 100/class"))
+    base, sar = [40.0, 50.0, 45.0], [44.0, 53.0]  # %, epoch 2 of each run; SAR seed 2 unfinished
+    assert detect["baseline"][1:4] == ["3", f"{np.mean(base):.2f} ± {np.std(base, ddof=1):.2f}", "(baseline)"]
+    assert detect["SAR"][1:3] == ["2", f"{np.mean(sar):.2f} ± {np.std(sar, ddof=1):.2f}"]
+    difference, p = _expected_difference(sar, base[:2])  # d = [4, 3] over seeds 0, 1
+    assert detect["SAR"][3:6] == [difference, "2", p]
+    assert difference == f"+3.50 [{3.5 - T_975_1 * math.sqrt(0.5) / math.sqrt(2):+.2f}, " \
+                         f"{3.5 + T_975_1 * math.sqrt(0.5) / math.sqrt(2):+.2f}]"
+    assert detect["SAR"][6] == f"{np.mean([22.0, 26.5]):.2f} ± {np.std([22.0, 26.5], ddof=1):.2f}"  # COCO box mAP
+    assert detect["SAR"][7] == f"{np.mean([39.0, 48.0]):.2f} ± {np.std([39.0, 48.0], ddof=1):.2f}"  # mask mAP@0.5
+    assert detect["baseline"][8] == f"{np.mean([(11 + 12 + 13) + 3 * s for s in (0, 1, 2)]):.1f} s"
+    segment = _rows(_section(section, "### Semantic segmentation (semantic FPN head): cell 100/class"))
+    base, sar = [30.0, 36.0], [35.0, 20.0, 38.0]  # baseline seeds 0, 2; SAR seeds 0, 1, 2
+    assert segment["baseline"][1:3] == ["2", f"{np.mean(base):.2f} ± {np.std(base, ddof=1):.2f}"]
+    assert segment["SAR"][1:3] == ["3", f"{np.mean(sar):.2f} ± {np.std(sar, ddof=1):.2f}"]
+    assert segment["SAR"][3:6] == [*_expected_difference([35.0, 38.0], base)[:1], "2",
+                                   _expected_difference([35.0, 38.0], base)[1]]  # d = [5, 2] over seeds 0, 2
+    pixel = [100 * (0.9 - v / 10) for v in (0.35, 0.20, 0.38)]
+    assert segment["SAR"][6] == f"{np.mean(pixel):.2f} ± {np.std(pixel, ddof=1):.2f}"
+    assert section.index("### Detection") < section.index("### Semantic")
+    assert text.index("## Results") < text.index("## Transfer") < text.index("## Runs")
+
+
+def test_transfer_columns_of_runs_csv_and_the_run_list(transfer_report):
+    study, path = transfer_report
+    rows = {r["id"]: r for r in csv.DictReader(open(path.parent / "runs.csv"))}
+    b1, s2 = rows["baseline-seed-1"], rows["sar-seed-2"]
+    assert (b1["detect_status"], float(b1["detect_val_map_50"]), float(b1["detect_val_map"])) == (
+        "finished", 0.50, 0.25)
+    assert float(b1["detect_val_mask_map_50"]) == pytest.approx(0.45)
+    assert float(b1["detect_wall_time_s"]) == (11 + 12 + 13) + 3 * 1
+    assert (b1["segment_status"], b1["segment_val_miou"], b1["segment_wall_time_s"]) == ("missing", "", "")
+    assert float(rows["sar-seed-1"]["segment_val_pixel_acc"]) == pytest.approx(0.9 - 0.02)
+    assert s2["status"] == "finished" and s2["detect_status"] == "unfinished"
+    assert float(s2["detect_val_map_50"]) == pytest.approx(0.70)  # its only (first) evaluation
+    text = path.read_text()
+    missing = _section(text, "## Missing runs")
+    assert "`sar-seed-2` (SAR, cell 100/class, seed 2): finished (trained; its detect stage is unfinished)" in missing
+    assert "`baseline-seed-1` (baseline, cell 100/class, seed 1): finished (trained; its segment stage is missing)" \
+        in missing
+    assert "baseline-seed-0" not in missing
+    run_list = _rows(_section(text, "## Runs"))
+    # status, final val top-1 (the training's), then each stage's headline in %, or its status
+    assert run_list["sar-seed-2"][4:8] == ["finished", "40.00", "unfinished", "38.00"]
+    assert run_list["baseline-seed-1"][4:8] == ["finished", "60.00", "50.00", "missing"]
+    header = next(line for line in _section(text, "## Runs").splitlines() if line.startswith("| id"))
+    assert "detect box mAP@0.5 (%)" in header and "segment mIoU (%)" in header
+
+
+def test_transfer_method_text_and_predictions(transfer_report):
+    study, path = transfer_report
+    text = path.read_text()
+    assert "transfer (detect): each run's weights then fine-tuned by `sarvit detect`" in text
+    assert "`stamps_detect_cpu.yaml`" in text and "the options `epochs=4`" in text
+    assert "transfer (segment)" in text and "the options none" in text
+    figures = path.parent / "figures"
+    for command, method in (("detect", "baseline"), ("detect", "SAR"), ("segment", "baseline"), ("segment", "SAR")):
+        copied = figures / f"{command}-100_class-{method}-seed0.png"
+        source = next(r for r in study.runs if r.method == method and r.seed == 0).stages[command] / "predictions.png"
+        assert copied.read_bytes() == source.read_bytes()
+        assert f"(figures/{copied.name})" in text
+    page = (path.parent / "report.html").read_text()
+    inlined = {base64.b64decode(src.split(",", 1)[1]) for src in re.findall(r'<img [^>]*src="([^"]+)"', page)}
+    assert (figures / "detect-100_class-SAR-seed0.png").read_bytes() in inlined
+
+
+def test_a_method_keeps_its_colour_in_a_panel_the_baseline_did_not_log():
+    import numpy as np
+
+    from sarvit.study.figures import plot_cell_curves
+    from sarvit.study.stats import Band
+
+    def band(shift: float) -> Band:
+        epochs = np.arange(1, 4)
+        return Band(epochs, epochs + shift, epochs + shift - 1, epochs + shift + 1, np.full(3, 2))
+
+    fig = plot_cell_curves({"val_top1": {"baseline": band(0), "SAR": band(1)}, "train_se": {"SAR": band(2)}}, "t")
+    top1, se = fig.axes[:2]
+    colour = {line.get_label().split(" ")[0]: line.get_color() for line in top1.get_lines()}
+    assert colour["baseline"] != colour["SAR"]
+    assert [line.get_color() for line in se.get_lines()] == [colour["SAR"]]

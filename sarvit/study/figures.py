@@ -30,7 +30,8 @@ PRETRAIN_PANELS = ("train_dino", "train_moco", "train_se", "val_knn_top1", "val_
 
 def plot_cell_curves(panels: Mapping[str, Mapping[str, Band]], title: str):
     """A ``matplotlib.figure.Figure``: one panel per key of ``panels`` (keys of :data:`CURVE_PANELS`),
-    each holding the :class:`~.stats.Band` of every method (the mapping's order is the legend's)."""
+    each holding the :class:`~.stats.Band` of every method that logged it (the mapping's order is the
+    legend's); a method keeps its colour in every panel (the SE term: SAR methods only)."""
     from matplotlib.figure import Figure
     from matplotlib.ticker import MaxNLocator
 
@@ -40,10 +41,11 @@ def plot_cell_curves(panels: Mapping[str, Mapping[str, Band]], title: str):
     axes = fig.subplots(lines, columns, squeeze=False).ravel()
     for ax in axes[len(panels):]:
         ax.set_visible(False)
+    methods = list(dict.fromkeys(m for bands in panels.values() for m in bands))  # one colour each, every panel
     for ax, (key, bands) in zip(axes, panels.items()):
         heading, ylabel = CURVE_PANELS[key]
-        for i, (method, b) in enumerate(bands.items()):
-            colour = f"C{i % 10}"
+        for method, b in bands.items():
+            colour = f"C{methods.index(method) % 10}"
             marker = "o" if len(b.epochs) < 30 else None
             seeds = f"{b.count.min()}" if b.count.size and b.count.min() == b.count.max() else (
                 f"{b.count.min()}-{b.count.max()}" if b.count.size else "0")

@@ -4,7 +4,7 @@ Reads the run folders of a :class:`~.spec.Study` (``config.yaml``, ``metrics.jso
 ``summary.json``, the weights) and writes into ``output``:
 
     runs.csv            one row per run: status, the options that vary, final and best metrics
-    figures/            curves per grid cell, the attention figure (PNG)
+    figures/            curves per grid cell, the attention figure, each transfer stage's predictions (PNG)
     jaccard/            per-image Jaccard scores of every run (when the study names masks)
     report.md           the report, GitHub-renderable, figures linked relatively
     report.html         the same report in one file: figures as data URIs, CSS inline, no script
@@ -20,6 +20,13 @@ backbone's spatial entropy and components, and curves of the pre-training's loss
 and k-NN top-1. Its attention figure and Jaccard use each run's exported backbone
 (``backbone.safetensors`` for ``last``, ``best.safetensors`` for ``best``); the per-head
 table is left out (it evaluates a classifier).
+
+A study with a ``transfer`` section gets a Transfer section: per stage (``sarvit detect``:
+box mAP@0.5, COCO box mAP, mask mAP@0.5; ``sarvit segment``: mIoU, pixel accuracy) and grid
+cell, the values of each stage's last evaluated epoch over the seeds whose stage finished,
+the paired difference of the headline to the baseline, and the ``predictions.png`` of each
+method's first seed. A run's ``status`` is its training's (and probe's); each stage has its
+own (``detect_status``, ... in runs.csv), and the run list names the unfinished stages.
 """
 
 from __future__ import annotations
@@ -46,7 +53,8 @@ from .stats import PairedDifference, Spread, band, paired_difference, spread
 if TYPE_CHECKING:
     from .spec import Run, Study
 
-__all__ = ["RunRecord", "MethodRow", "read_run", "compare", "runs_table", "write_report", "PAIRING"]
+__all__ = ["RunRecord", "StageRecord", "MethodRow", "StageRow", "read_run", "compare", "compare_stage", "runs_table",
+           "write_report", "PAIRING"]
 
 PAIRING = ("paired by seed: the same seed gives the same training subset, initial weights and data order; "
            "differences are method minus baseline, averaged over the seeds where both finished, with a 95% "
@@ -59,6 +67,12 @@ METRIC_COLUMNS = ["final_val_top1", "final_val_top5", "best_val_top1", "best_epo
 PRETRAIN_COLUMNS = ["final_val_knn_top1", "best_val_knn_top1", "best_epoch", "final_val_se", "final_val_components"]
 PROBE_COLUMNS = ["probe_status", "probe_val_top1", "probe_val_top5", "probe_val_se", "probe_val_components",
                  "probe_wall_time_s"]
+# a transfer stage's validation keys in runs.csv and its tables, the headline (best-checkpoint score) first
+STAGE_METRICS = {"detect": ("val_map_50", "val_map", "val_mask_map_50"), "segment": ("val_miou", "val_pixel_acc")}
+METRIC_NAMES = {"val_map_50": "box mAP@0.5", "val_map": "COCO box mAP", "val_mask_map_50": "mask mAP@0.5",
+                "val_miou": "mIoU", "val_pixel_acc": "pixel accuracy"}
+STAGE_TITLES = {"detect": "Detection (Mask R-CNN, ViTDet simple feature pyramid)",
+                "segment": "Semantic segmentation (semantic FPN head)"}
 SSL_TASKS = ("dino", "mocov3")
 
 
@@ -82,6 +96,7 @@ class RunRecord:
     probe_status: str = ""  # of its linear probe (pretrain studies with a probe): as ``status``
     probe: dict = field(default_factory=dict)  # the probe's last evaluated epoch's val_* values
     probe_wall_seconds: float = math.nan
+    stages: dict = field(default_factory=dict)  # transfer command (detect, segment) -> its StageRecord
 
     @property
     def finished(self) -> bool:
@@ -91,6 +106,20 @@ class RunRecord:
     def pretrained(self) -> bool:
         """A ``sarvit pretrain`` run (DINO or MoCo v3)."""
         return self.config.get("task") in SSL_TASKS
+
+
+@dataclass
+class StageRecord:
+    """What a transfer stage's folder (``RUN/detect``, ``RUN/segment``) holds."""
+
+    status: str  # as RunRecord.status
+    final: dict = field(default_factory=dict)  # the last evaluated epoch's val_* values (fractions, as logged)
+    wall_seconds: float = math.nan  # sum of epoch_time
+    figure: Path | None = None  # its predictions.png, once finished
+
+    @property
+    def finished(self) -> bool:
+        return self.status == "finished"
 
 
 def _status(folder: RunFolder) -> str:
@@ -117,6 +146,8 @@ def read_run(run) -> RunRecord:
         _read_probe(record, RunFolder(probe))
         if record.finished and record.probe_status != "finished":
             record.status = "unfinished"  # pre-trained, not probed yet
+    for command, stage in getattr(run, "stages", {}).items():
+        record.stages[command] = _read_stage(command, RunFolder(stage))
     if record.status == "missing":
         return record
     record.config = folder.read_config(f"the run {run.id} has a damaged config.yaml")
@@ -144,6 +175,20 @@ def _read_probe(record: RunRecord, folder: RunFolder) -> None:
     rows = [r for r in read_metrics(folder.metrics) if "epoch" in r]
     record.probe = _last_evaluated(rows, "val_top1")
     record.probe_wall_seconds = float(sum(r.get("epoch_time", 0.0) for r in rows)) if rows else math.nan
+
+
+def _read_stage(command: str, folder: RunFolder) -> StageRecord:
+    from ..dense.tasks import FIGURE  # the predictions figure a dense run draws at its end
+
+    record = StageRecord(_status(folder))
+    if record.status == "missing":
+        return record
+    rows = [r for r in read_metrics(folder.metrics) if "epoch" in r]
+    record.final = _last_evaluated(rows, STAGE_METRICS[command][0])
+    record.wall_seconds = float(sum(r.get("epoch_time", 0.0) for r in rows)) if rows else math.nan
+    figure = folder.root / FIGURE
+    record.figure = figure if record.finished and figure.is_file() else None
+    return record
 
 
 # --- options ------------------------------------------------------------------------------------
@@ -188,20 +233,38 @@ def _metric_values(r: RunRecord, pretrain: bool, probed: bool) -> list:
     return values
 
 
+def _stage_commands(records: list[RunRecord]) -> list[str]:
+    """The transfer commands of the study's runs, in the study's order."""
+    return list(dict.fromkeys(c for r in records for c in r.stages))
+
+
+def stage_columns(command: str) -> list[str]:
+    """The runs.csv columns of a transfer stage: its status, its final validation values, its wall time."""
+    return [f"{command}_status", *(f"{command}_{key}" for key in STAGE_METRICS[command]), f"{command}_wall_time_s"]
+
+
+def _stage_values(r: RunRecord, command: str) -> list:
+    stage = r.stages.get(command, StageRecord("missing"))
+    return [stage.status, *(stage.final.get(key) for key in STAGE_METRICS[command]), stage.wall_seconds]
+
+
 def runs_table(records: list[RunRecord], pretrain: bool = False) -> tuple[list[str], list[list[str]]]:
     """Header and rows of ``runs.csv``: one row per run, the options that vary across the study,
-    the final and best validation metrics (``pretrain``: k-NN, and the probe's when probed), every final
-    training term, wall time and epochs. An option a run did not set shows the value its ``config.yaml``
-    holds (the recipe's or the default)."""
+    the final and best validation metrics (``pretrain``: k-NN, and the probe's when probed), each transfer
+    stage's status, final values (fractions, as logged) and wall time, every final training term, wall time
+    and epochs. An option a run did not set shows the value its ``config.yaml`` holds (the recipe's or the
+    default)."""
     _, varying = option_split([r.run.options for r in records])
     varying = [v for v in varying if v not in FIXED_COLUMNS]
     terms = sorted({k for r in records for k in r.train})
     probed = any(getattr(r.run, "probe", None) is not None for r in records)
     metrics = [*PRETRAIN_COLUMNS, *(PROBE_COLUMNS if probed else [])] if pretrain else METRIC_COLUMNS
+    commands = _stage_commands(records)
+    metrics = [*metrics, *(column for c in commands for column in stage_columns(c))]
     header = [*FIXED_COLUMNS, *varying, *metrics, *terms, "wall_time_s", "epochs_done"]
     rows = []
     for r in records:
-        values = _metric_values(r, pretrain, probed)
+        values = [*_metric_values(r, pretrain, probed), *(v for c in commands for v in _stage_values(r, c))]
         rows.append([r.run.id, r.run.method, r.run.cell, str(r.run.seed), r.status,
                      *(_text(r.run.options[v] if v in r.run.options else r.config.get(v)) for v in varying),
                      *(_number(v) for v in values), *(_number(r.train.get(t)) for t in terms),
@@ -312,6 +375,53 @@ def compare_pretrain(records: list[RunRecord], cell: str, methods: list[str], ba
                                 components=spread([r.final.get("val_components", math.nan) for r in mine]),
                                 wall=spread([wall(r) for r in mine])))
     return rows
+
+
+@dataclass(frozen=True)
+class StageRow:
+    """One method in one cell of a transfer stage: its headline (%) over the seeds whose stage finished, the
+    paired difference to the baseline, the stage's other values (%) and its wall time."""
+
+    method: str
+    headline: Spread
+    difference: PairedDifference | None  # None for the baseline itself
+    others: dict  # validation key -> Spread, the keys of STAGE_METRICS after the headline
+    wall: Spread
+
+
+def compare_stage(records: list[RunRecord], cell: str, methods: list[str], baseline: str,
+                  command: str) -> list[StageRow]:
+    """The rows of the ``command`` (detect, segment) table of ``cell``, one per method in ``methods`` order:
+    each stage's last evaluated epoch, in %."""
+    done = [r for r in records if r.run.cell == cell and command in r.stages and r.stages[command].finished]
+
+    def by_seed(method: str, key: str) -> dict[int, float]:
+        return {r.run.seed: 100.0 * r.stages[command].final.get(key, math.nan) for r in done
+                if r.run.method == method}
+
+    headline, *others = STAGE_METRICS[command]
+    rows = []
+    for method in methods:
+        mine = by_seed(method, headline)
+        rows.append(StageRow(
+            method=method, headline=spread(list(mine.values())),
+            difference=None if method == baseline else paired_difference(mine, by_seed(baseline, headline)),
+            others={key: spread(list(by_seed(method, key).values())) for key in others},
+            wall=spread([r.stages[command].wall_seconds for r in done if r.run.method == method])))
+    return rows
+
+
+def stage_header(command: str, shown: list[str]) -> list[str]:
+    """The header of a stage's table; ``shown``: the keys after the headline that the table shows."""
+    name = METRIC_NAMES[STAGE_METRICS[command][0]]
+    return ["method", "seeds", f"final {name} (%)", f"Δ {name} vs baseline [95% CI]", "pairs", "p",
+            *(f"final {METRIC_NAMES[key]} (%)" for key in shown), "fine-tuning time / run ‡"]
+
+
+def stage_table(rows: list[StageRow], shown: list[str]) -> list[list[str]]:
+    return [[r.method, str(r.headline.n), _mean_std(r.headline), _difference(r.difference),
+             "" if r.difference is None else str(r.difference.n), _p_value(r.difference),
+             *(_mean_std(r.others[key]) for key in shown), _duration(r.wall)] for r in rows]
 
 
 def _mean_std(s: Spread, digits: int = 2) -> str:
@@ -523,6 +633,7 @@ def _header(study, records: list[RunRecord]) -> list[Block]:
         Block("items", rows=[
             f"recipe: `{_shown_path(study.recipe)}`; options every run shared on top of it: {shared_text}",
             *_probe_line(study),
+            *_transfer_lines(study),
             f"methods: {', '.join(study.methods)} (baseline: **{study.baseline}**)",
             f"grid cells: {', '.join(c or '(none)' for c in study.cells)}; seeds: {', '.join(map(str, study.seeds))}",
             f"runs: {len(records)}, finished {sum(r.finished for r in records)}",
@@ -545,6 +656,17 @@ def _probe_line(study) -> list[str]:
     options = ", ".join(f"`{k}={_text(v)}`" for k, v in probe.options.items()) or "none"
     return [text + f"; each run's backbone then probed by `sarvit linprobe` with the recipe "
                    f"`{_shown_path(probe.recipe)}`, the run's seed and the options {options}"]
+
+
+def _options_text(options: dict) -> str:
+    return ", ".join(f"`{k}={_text(v)}`" for k, v in options.items()) or "none"
+
+
+def _transfer_lines(study) -> list[str]:
+    """What each transfer stage ran: its command, recipe and options."""
+    return [f"transfer ({stage.command}): each run's weights then fine-tuned by `sarvit {stage.command}` "
+            f"(`--backbone RUN`, in `RUN/{stage.command}`) with the recipe `{_shown_path(stage.recipe)}`, the run's "
+            f"seed and the options {_options_text(stage.options)}" for stage in getattr(study, "transfer", ())]
 
 
 def _cell_title(cell: str) -> str:
@@ -624,6 +746,70 @@ def _pretrain_results(study, records: list[RunRecord], output: Path) -> list[Blo
         save_png(plot_cell_curves(panels, f"{study.title}: {_cell_title(cell)}"), path)
         blocks.append(Block("image", f"curves of {_cell_title(cell)}", path=path,
                             link=path.relative_to(output).as_posix()))
+    return blocks
+
+
+TRANSFER_TEXT = (
+    "Each run's weights (`--backbone RUN`: a training's best-epoch weights, best.safetensors, or a pre-training's "
+    "exported backbone) fine-tuned as a whole by the stage's command with the run's seed (the recipe and options "
+    "are in the list at the top). The values are those of each stage's last evaluated epoch (the final "
+    "validation, not the best checkpoint's), in %, mean ± sample standard deviation (ddof=1) over the seeds whose "
+    "stage finished. Detection: box mAP@0.5 is PASCAL VOC's mAP at IoU 0.5 (the headline, Table 5's metric), COCO "
+    "box mAP the mean over IoU 0.5:0.95, mask mAP@0.5 that of the instance masks. Segmentation: mIoU over the "
+    "classes (the headline, Table 6's metric) and pixel accuracy. The difference of the headline to the baseline "
+    "is {pairing}; with fewer than two pairs there is no interval or p-value (n/a).\n\n"
+    "‡ The sum of the stage's epoch times, without the start-up of each process; runs that shared the machine "
+    "took longer.")
+
+
+def _figure_name(*parts: str) -> str:
+    return "-".join(re.sub(r"[^A-Za-z0-9]+", "_", p).strip("_") or "all" for p in parts if p) + ".png"
+
+
+def _stage_figures(study, records: list[RunRecord], command: str, cell: str, output: Path) -> list[Block]:
+    """The ``predictions.png`` of each method's run at the study's first seed, copied into ``figures/``."""
+    from shutil import copyfile
+
+    seed = study.seeds[0]
+    blocks, absent = [], []
+    for method in study.methods:
+        found = [r for r in records if r.run.cell == cell and r.run.method == method and r.run.seed == seed
+                 and command in r.stages and r.stages[command].figure is not None]
+        if not found:
+            absent.append(method)
+            continue
+        path = output / "figures" / _figure_name(command, cell, method, f"seed{seed}")
+        atomic_write(path, lambda tmp, source=found[0].stages[command].figure: copyfile(source, tmp))
+        blocks.append(Block("image", f"{command} predictions of {method}, seed {seed}", path=path,
+                            link=path.relative_to(output).as_posix()))
+    if not blocks:
+        return [Block("text", f"No predictions shown: no method has a finished {command} stage at seed {seed}.")]
+    text = (f"Predictions beside the ground truth on the first validation images, one run per method (seed {seed}, "
+            f"the stage's last weights), in the order " + ", ".join(m for m in study.methods if m not in absent)
+            + "." + (f" Not drawn (no finished stage at that seed): {', '.join(absent)}." if absent else ""))
+    return [Block("text", text), *blocks]
+
+
+def _transfer(study, records: list[RunRecord], output: Path) -> list[Block]:
+    """The Transfer section: one table per stage command and grid cell, and the stages' predictions."""
+    stages = getattr(study, "transfer", ())
+    if not stages:
+        return []
+    blocks = [Block("heading", "Transfer"), Block("text", TRANSFER_TEXT.format(pairing=PAIRING))]
+    for stage in stages:
+        command = stage.command
+        # the values after the headline that some finished stage logged (detection without masks: no mask mAP)
+        shown = [key for key in STAGE_METRICS[command][1:]
+                 if any(key in r.stages[command].final for r in records if command in r.stages)]
+        for cell in study.cells:
+            rows = compare_stage(records, cell, study.methods, study.baseline, command)
+            pairs = ", ".join(f"{r.method}: n={r.difference.n}" for r in rows if r.difference is not None)
+            title = STAGE_TITLES[command] + (f": {_cell_title(cell)}" if cell else "")
+            blocks += [Block("heading", title, level=3),
+                       Block("table", header=stage_header(command, shown), rows=stage_table(rows, shown)),
+                       Block("text", f"`sarvit {command}`, last evaluated epoch. Pairs with the baseline "
+                                     f"({study.baseline}) by seed: {pairs or 'none'}."),
+                       *_stage_figures(study, records, command, cell, output)]
     return blocks
 
 
@@ -794,27 +980,52 @@ def _heads(study, records: list[RunRecord]) -> list[Block]:
     return blocks
 
 
+def _stage_cell(r: RunRecord, command: str) -> str:
+    """A stage's headline in the run list (%), or its status when it did not finish."""
+    stage = r.stages.get(command, StageRecord("missing"))
+    headline = STAGE_METRICS[command][0]
+    return _fixed(100.0 * stage.final[headline]) if stage.finished and headline in stage.final else stage.status
+
+
+def _missing_item(r: RunRecord) -> str | None:
+    """The line of the missing list for ``r``: a run that did not finish, or a trained run whose probe or transfer
+    stages did not (``None``: nothing is missing)."""
+    trained = r.status != "missing" and RunFolder(r.run.folder).summary.is_file()
+    left = [f"its {c} stage is {s.status}" for c, s in r.stages.items() if not s.finished] if trained else []
+    if r.finished and not left:
+        return None
+    if r.probe_status and r.probe_status != "finished" and trained:
+        left.insert(0, f"its probe is {r.probe_status}")
+    what = "pre-trained" if r.pretrained else "trained"
+    return (f"`{r.run.id}` ({r.run.method}, {_cell_title(r.run.cell)}, seed {r.run.seed}): "
+            f"{r.status if not r.finished else 'finished'}" + (f" ({what}; {', '.join(left)})" if left else ""))
+
+
 def _run_list(records: list[RunRecord], pretrain: bool = False, probed: bool = False) -> list[Block]:
+    commands = _stage_commands(records)
+    stage_heads = [f"{c} {METRIC_NAMES[STAGE_METRICS[c][0]]} (%)" for c in commands]
     if pretrain:
         header = ["id", "method", "cell", "seed", "status", *(["probe top-1"] if probed else []), "k-NN top-1",
-                  "epochs"]
+                  *stage_heads, "epochs"]
         rows = [[r.run.id, r.run.method, r.run.cell, str(r.run.seed), r.status,
                  *([_fixed(r.probe.get("val_top1"))] if probed else []), _fixed(r.final.get("val_knn_top1")),
-                 str(r.epochs_done) if r.status != "missing" else ""] for r in records]
+                 *(_stage_cell(r, c) for c in commands), str(r.epochs_done) if r.status != "missing" else ""]
+                for r in records]
     else:
-        header = ["id", "method", "cell", "seed", "status", "final val top-1", "epochs"]
+        header = ["id", "method", "cell", "seed", "status", "final val top-1", *stage_heads, "epochs"]
         rows = [[r.run.id, r.run.method, r.run.cell, str(r.run.seed), r.status, _fixed(r.final.get("val_top1")),
-                 str(r.epochs_done) if r.status != "missing" else ""] for r in records]
-    missing = [f"`{r.run.id}` ({r.run.method}, {_cell_title(r.run.cell)}, seed {r.run.seed}): {r.status}"
-               + (" (pre-trained; its probe is " + r.probe_status + ")" if r.probe_status and r.status != "missing"
-                  and r.probe_status != "finished" and RunFolder(r.run.folder).summary.is_file() else "")
-               for r in records if not r.finished]
+                 *(_stage_cell(r, c) for c in commands), str(r.epochs_done) if r.status != "missing" else ""]
+                for r in records]
+    missing = [item for item in map(_missing_item, records) if item is not None]
+    done = "None: every run finished" + (" with every transfer stage." if commands else ".")
+    stages = (" The status is the training's" + (" and probe's" if probed else "") + "; a stage column holds the "
+              "stage's headline, or its own status while it has not finished." if commands else "")
     return [Block("heading", "Runs"),
             Block("text", "Every run of the study; all columns, the options that vary and the training terms are in "
-                          "[runs.csv](runs.csv)."),
+                          "[runs.csv](runs.csv)." + stages),
             Block("table", header=header, rows=rows),
             Block("heading", "Missing runs"),
-            Block("items", rows=missing) if missing else Block("text", "None: every run finished.")]
+            Block("items", rows=missing) if missing else Block("text", done)]
 
 
 # --- the entry point -------------------------------------------------------------------------------
@@ -830,7 +1041,8 @@ def write_report(study: Study, output: Path) -> Path:
     pretrain, probed = _is_pretrain(study), getattr(study, "probe", None) is not None
     header, rows = runs_table(records, pretrain)
     atomic_write(output / "runs.csv", lambda tmp: tmp.write_text(_csv_text(header, rows)))
-    blocks = [*_header(study, records), *_results(study, records, output), *_attention(study, records, output),
+    blocks = [*_header(study, records), *_results(study, records, output), *_transfer(study, records, output),
+              *_attention(study, records, output),
               *_jaccard(study, records, output), *_heads(study, records), *_run_list(records, pretrain, probed)]
     atomic_write(output / "report.html", lambda tmp: tmp.write_text(to_html(blocks, study.title)))
     return atomic_write(output / "report.md", lambda tmp: tmp.write_text(to_markdown(blocks)))

@@ -6,11 +6,14 @@ RUN --resume auto`` (``pretrain``: the same, ``method`` as ``--method``; under
 ``torchrun`` when asked), its output appended to ``<runs>/logs/<id>.log``. A pretrain
 study with a probe then runs ``python -m sarvit linprobe --config PROBE_RECIPE
 --<option> <value> ... --checkpoint RUN --output RUN/linprobe --seed SEED --resume auto``
-in the same slot, its output appended to the same log. A run whose folder holds
-``summary.json`` (and whose probe folder does, when probed) is finished and skipped; an
-interrupted one continues from its last checkpoint (a finished pre-training with an
-unfinished probe runs only the probe), so killing the study loses at most the
-unfinished part of the runs in flight. ``jobs`` runs go side by side (each with
+in the same slot, its output appended to the same log. A study with a ``transfer`` section
+then runs each of its stages, ``python -m sarvit detect|segment --config STAGE_RECIPE
+--<option> <value> ... --backbone RUN --output RUN/<command> --seed SEED --resume auto``,
+in the same slot and log. A run whose folder holds ``summary.json`` (and whose probe and
+stage folders do) is finished and skipped; an interrupted one continues from its last
+checkpoint (a finished training runs only its unfinished probe and stages, each resumed
+from its own checkpoint), so killing the study loses at most the unfinished part of the
+runs in flight. ``jobs`` runs go side by side (each with
 ``cores / jobs`` threads, or one GPU of ``devices`` each).
 """
 
@@ -31,10 +34,10 @@ import yaml
 from ..config import ConfigError, load_config, to_dict, validate_with_libraries
 from ..errors import UserError
 from ..runs import RunFolder
-from .spec import Run, Study, config_options, probe_options
+from .spec import Run, Stage, Study, config_options, probe_options, stage_options
 
-__all__ = ["RunStatus", "status_of", "train_command", "probe_command", "commands_of", "check_runs", "check_output",
-           "check_writable", "run_study", "MARKER"]
+__all__ = ["RunStatus", "status_of", "train_command", "probe_command", "stage_command", "commands_of",
+           "all_commands", "check_runs", "check_output", "check_writable", "run_study", "MARKER"]
 
 
 @dataclass
@@ -43,12 +46,17 @@ class RunStatus:
     state: str  # "finished" | "interrupted" (has a checkpoint) | "new"
 
 
+def _after_training(run: Run) -> dict[str, Path]:
+    """The folders of what runs after ``run``'s training, in order: ``{"probe": ..., "detect": ..., ...}``."""
+    return {**({"probe": run.probe} if run.probe is not None else {}), **run.stages}
+
+
 def status_of(run: Run) -> str:
-    """finished (the run, and its probe when it has one) | interrupted (a checkpoint, or a finished
-    pre-training whose probe is to run) | new."""
+    """finished (the run, its probe and every transfer stage it has) | interrupted (a checkpoint, or a
+    finished training whose probe or stages are to run) | new."""
     folder = RunFolder(run.folder)
     if folder.summary.is_file():
-        if run.probe is None or RunFolder(run.probe).summary.is_file():
+        if all(RunFolder(f).summary.is_file() for f in _after_training(run).values()):
             return "finished"
         return "interrupted"
     return "interrupted" if folder.holds_run() else "new"
@@ -95,20 +103,42 @@ def probe_command(study: Study, run: Run, torchrun: int = 0) -> list[str]:
                                          str(run.probe.resolve()), "--seed", str(run.seed), "--resume", "auto"]
 
 
-def commands_of(study: Study, run: Run, torchrun: int = 0) -> list[tuple[str, list[str]]]:
-    """What is left to do for ``run``: ``[(stage, command)]``, stages ``train`` and ``probe``, in order."""
-    todo = []
-    if not RunFolder(run.folder).summary.is_file():
-        todo.append(("train", train_command(study, run, torchrun)))
-    if run.probe is not None and not RunFolder(run.probe).summary.is_file():
+def stage_command(study: Study, run: Run, stage: Stage, torchrun: int = 0) -> list[str]:
+    """The ``sarvit detect`` / ``sarvit segment`` command line of one run's transfer stage: its weights as the
+    backbone, its seed, ``RUN/<command>``."""
+    folder = run.stages[stage.command]
+    args = ["sarvit", stage.command, "--config", stage.recipe, *_flags(stage.options)]
+    return _launcher(torchrun) + args + ["--backbone", str(run.folder.resolve()), "--output", str(folder.resolve()),
+                                         "--seed", str(run.seed), "--resume", "auto"]
+
+
+def all_commands(study: Study, run: Run, torchrun: int = 0) -> list[tuple[str, list[str]]]:
+    """Everything ``run`` is: ``[(stage, command)]``, stages ``train``, ``probe``, then the transfer commands
+    (``detect``, ``segment``) in the study's order."""
+    todo = [("train", train_command(study, run, torchrun))]
+    if run.probe is not None:
         todo.append(("probe", probe_command(study, run, torchrun)))
+    for stage in study.transfer:
+        todo.append((stage.command, stage_command(study, run, stage, torchrun)))
     return todo
+
+
+def stage_folder(run: Run, stage: str) -> Path:
+    """The folder of ``stage`` (train, probe, detect, segment) of ``run``."""
+    return run.folder if stage == "train" else _after_training(run)[stage]
+
+
+def commands_of(study: Study, run: Run, torchrun: int = 0) -> list[tuple[str, list[str]]]:
+    """What is left to do for ``run``: :func:`all_commands` without the stages whose folder holds a summary."""
+    return [(stage, command) for stage, command in all_commands(study, run, torchrun)
+            if not RunFolder(stage_folder(run, stage)).summary.is_file()]
 
 
 def check_runs(study: Study) -> None:
     """Before the first run: the folders can be written, the masks of ``jaccard`` exist, and the checks
     only timm can make (model, optimizer, schedule, data), once per distinct configuration; a pretrain
-    study's probes too. The configurations are checked before any folder is made."""
+    study's probes and the transfer stages too, and that the probe and stage folders that exist were made
+    with today's options. The configurations are checked before any folder is made."""
     if study.jaccard:
         from ..data.masks import open_masked
 
@@ -136,6 +166,15 @@ def check_runs(study: Study) -> None:
             raise ConfigError(f"study {study.name}: probe: {err}") from None
         for run in study.runs:
             check_probe_folder(study, run)
+    for stage in study.transfer:
+        from ..dense.tasks import check_dense_config
+
+        try:
+            check_dense_config(load_config(stage.recipe, stage_options(stage, study.runs[0]), command=stage.command))
+        except ConfigError as err:
+            raise ConfigError(f"study {study.name}: transfer.{stage.command}: {err}") from None
+        for run in study.runs:
+            check_stage_folder(study, run, stage)
     check_output(study)
     check_writable(Path(study.runs_dir), "--runs")
 
@@ -164,6 +203,31 @@ def check_probe_folder(study: Study, run: Run) -> None:
         shown = ", ".join(f"{k} {before.get(k)!r} -> {now.get(k)!r}" for k in changed)
         raise ConfigError(f"study {study.name}: the probe {run.probe} was made with other options ({shown}); "
                           "restore the study's probe options, or move that folder away to probe again")
+
+
+def check_stage_folder(study: Study, run: Run, stage: Stage) -> None:
+    """A transfer stage's folder that exists was made with the options the study gives it now (as
+    :func:`check_probe_folder`; the data compared as the stage records it, its folder made absolute)."""
+    saved = RunFolder(run.stages[stage.command]).config
+    if not saved.is_file():
+        return
+    try:
+        old = load_config(saved, command=stage.command)
+    except ConfigError:
+        return  # a damaged config.yaml: the stage itself says what is wrong when it resumes
+    from ..dense.tasks import check_dense_config
+    from ..pretrained import backbone_architecture
+
+    # the stage builds the backbone's own architecture (its sarvit metadata), as `sarvit detect` records it
+    new = backbone_architecture(check_dense_config(load_config(stage.recipe, stage_options(stage, run),
+                                                               command=stage.command)))
+    before, now = to_dict(old), to_dict(new)
+    changed = sorted(k for k in set(before) | set(now) if k not in _NEUTRAL and before.get(k) != now.get(k))
+    if changed:
+        shown = ", ".join(f"{k} {before.get(k)!r} -> {now.get(k)!r}" for k in changed)
+        raise ConfigError(f"study {study.name}: the {stage.command} stage {run.stages[stage.command]} was made with "
+                          f"other options ({shown}); restore the study's transfer.{stage.command} options, or move "
+                          f"that folder away to run it again")
 
 
 MARKER = "study.txt"  # in a report folder: the name of the study whose report it holds
@@ -235,7 +299,8 @@ class _Slots:
 
 def run_study(study: Study, *, jobs: int = 1, threads: int | None = None, devices: list[str] | None = None,
               torchrun: int = 0, say: Callable[[str], None] = print) -> list[Run]:
-    """Run every unfinished run of ``study`` (and its probe); returns the runs that failed.
+    """Run every unfinished run of ``study`` (and its probe and transfer stages); returns the runs that failed
+    (a failed training runs nothing after it; a failed probe or stage lets the run's other stages run).
 
     Stops the trainings in flight and re-raises on SIGINT/SIGTERM (their checkpoints stay;
     the same command continues them).
@@ -287,16 +352,22 @@ def run_study(study: Study, *, jobs: int = 1, threads: int | None = None, device
                     continue
                 launch(job)
                 what = "resuming" if status.state == "interrupted" else "starting"
-                if job.stage == "probe":
-                    what = "probing"
+                if job.stage != "train":
+                    what = _STAGE_VERB[job.stage] + (" (resuming)" if RunFolder(stage_folder(run, job.stage))
+                                                     .holds_run() else "")
                 say(f"[{job.index}/{total}] {what} {_label(run)} (log {job.log})")
             proc = _wait_any(running)
             job = running.pop(proc)
             run = job.status.run
-            stage_done = RunFolder(run.probe if job.stage == "probe" else run.folder).summary.is_file()
-            if stage_done and job.stages:  # the pre-training finished: its probe, in the same slot
+            if not RunFolder(stage_folder(run, job.stage)).summary.is_file():  # this stage failed
+                what = {"train": "", "probe": " (its probe)"}.get(job.stage, f" (its {job.stage} stage)")
+                say(f"[{job.index}/{total}] FAILED {_label(run)}{what} (exit {proc.returncode}); last lines of "
+                    f"{job.log}:\n{_tail(job.log)}")
+                if job.stage == "train":
+                    job.stages = []  # nothing runs on a training that did not finish
+            if job.stages:  # the next stage, in the same slot (after a failed probe or stage: the others still run)
                 launch(job)
-                say(f"[{job.index}/{total}] probing {_label(run)}")
+                say(f"[{job.index}/{total}] {_STAGE_VERB[job.stage]} {_label(run)}")
                 continue
             slots.free.append(job.slot)
             seconds = time.monotonic() - job.began
@@ -309,9 +380,6 @@ def run_study(study: Study, *, jobs: int = 1, threads: int | None = None, device
                     + (f"; {left} to go, about {_minutes(eta)} left" if left else ""))
             else:
                 failed.append(run)
-                what = " (its probe)" if job.stage == "probe" else ""
-                say(f"[{job.index}/{total}] FAILED {_label(run)}{what} (exit {proc.returncode}); last lines of "
-                    f"{job.log}:\n{_tail(job.log)}")
     except KeyboardInterrupt:
         for proc in running:
             proc.terminate()
@@ -351,20 +419,35 @@ def _wait_any(running: dict) -> subprocess.Popen:
         time.sleep(0.5)
 
 
+_STAGE_VERB = {"probe": "probing", "detect": "fine-tuning for detection",
+               "segment": "fine-tuning for segmentation"}  # what the log line says a stage does
+
+
 def _label(run: Run) -> str:
     return f"{run.method}" + (f" | {run.cell}" if run.cell else "") + f" | seed {run.seed}"
+
+
+# a transfer stage's headline in summary.json's "final" (fractions) and how a log line names it
+_STAGE_RESULT = {"detect": ("map_50", "box mAP@0.5"), "segment": ("miou", "mIoU")}
 
 
 def _result(run: Run) -> str:
     import json
 
+    def final(folder: Path) -> dict:
+        return json.loads(RunFolder(folder).summary.read_text())["final"]
+
     try:
-        final = json.loads(RunFolder(run.folder).summary.read_text())["final"]
-        if "knn_top1" not in final:
-            return f"val top-1 {final['top1']:.2f}"
-        text = f"k-NN top-1 {final['knn_top1']:.2f}"
-        if run.probe is not None:
-            text += f", probe top-1 {json.loads(RunFolder(run.probe).summary.read_text())['final']['top1']:.2f}"
+        trained = final(run.folder)
+        if "knn_top1" not in trained:
+            text = f"val top-1 {trained['top1']:.2f}"
+        else:
+            text = f"k-NN top-1 {trained['knn_top1']:.2f}"
+            if run.probe is not None:
+                text += f", probe top-1 {final(run.probe)['top1']:.2f}"
+        for command, folder in run.stages.items():
+            key, name = _STAGE_RESULT[command]
+            text += f", {command} {name} {100 * final(folder)[key]:.2f}%"
         return text
     except (OSError, ValueError, KeyError, TypeError):
         return "no summary"

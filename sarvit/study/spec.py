@@ -40,6 +40,19 @@ in ``RUN/linprobe``, the run's seed), and the probe's final top-1 heads the repo
       recipe: fashion_mnist_linprobe_cpu
       options: {epochs: 20}            # set in every probe (``--set probe.epochs=5`` overrides)
 
+A ``transfer`` section (in a train or a pretrain study) fine-tunes every run's weights for
+dense prediction once its training (and probe) finished: ``sarvit detect`` (Mask R-CNN on
+the ViTDet simple feature pyramid, Table 5) in ``RUN/detect`` and ``sarvit segment`` (a
+semantic FPN head, Table 6) in ``RUN/segment``, each with the run's seed; the report gets a
+table per stage (box mAP@0.5, mIoU) with the paired differences to the baseline:
+
+    transfer:                          # keys: detect, segment (either or both)
+      detect: {recipe: stamps_detect_cpu, options: {epochs: 4}}   # --set detect.epochs=2 overrides
+      segment: {recipe: stamps_segment_cpu}
+
+The study sets each stage's ``backbone`` (the run's folder), ``output``, ``seed`` and
+``resume`` itself; the recipe's data must hold instances (detect) or masks (segment).
+
 Comparisons pair runs of one grid cell, so the cells are how a study with several
 baselines is written: one cell per baseline (here per method family), the same methods in
 each. A single ``baseline`` compares every method with that one.
@@ -67,16 +80,20 @@ import yaml
 from ..config import (ConfigError, field_name, load_config, parse_value, read_recipe, recipe_path, shown_name,
                       to_dict, yaml_problem)
 
-__all__ = ["Run", "Probe", "Study", "load_study", "run_id", "study_path", "config_options", "probe_options",
-           "PROBE_FOLDER"]
+__all__ = ["Run", "Probe", "Stage", "Study", "load_study", "run_id", "study_path", "config_options",
+           "probe_options", "stage_options", "PROBE_FOLDER", "TRANSFER_COMMANDS"]
 
 # options a study decides itself: each run's folder, resuming, and the seed of each run
 RESERVED = {"output", "resume", "extend", "seed"}
 KEYS = {"name", "title", "description", "recipe", "options", "baseline", "methods", "grid", "seeds", "attention",
-        "jaccard", "heads", "runs", "command", "probe"}
+        "jaccard", "heads", "runs", "command", "probe", "transfer"}
 COMMANDS = ("train", "pretrain")  # what a study's runs are
 PROBE_FOLDER = "linprobe"  # a pre-training run's probe lies in RUN/linprobe
 PROBE_KEYS = {"recipe", "options"}
+TRANSFER_COMMANDS = ("detect", "segment")  # the dense stages of a transfer section; RUN/<command> is a stage's folder
+# options naming the weights a stage starts from: the study gives each probe or stage its run's folder
+BACKBONE_KEYS = {"linprobe": ("checkpoint", "pretrained"), "detect": ("backbone", "pretrained"),
+                 "segment": ("backbone", "pretrained")}
 METHOD = "method"  # the pretrain option that chooses DINO or MoCo v3: the field ``task``, the flag --method
 
 
@@ -89,6 +106,7 @@ class Run:
     options: dict  # every option the run sets on top of the recipe (study options, cell, method, seed)
     folder: Path
     probe: Path | None = None  # the folder of its linear probe (a pretrain study with a probe)
+    stages: dict = field(default_factory=dict)  # transfer command (detect, segment) -> its folder, RUN/<command>
 
 
 @dataclass(frozen=True)
@@ -97,6 +115,15 @@ class Probe:
 
     recipe: str  # path of the probe's recipe
     options: dict  # what every probe sets on top of it (not the checkpoint, output or seed: the run's)
+
+
+@dataclass(frozen=True)
+class Stage:
+    """A transfer stage of every run: ``sarvit <command> --config recipe --backbone RUN``."""
+
+    command: str  # detect | segment
+    recipe: str  # path of the stage's recipe
+    options: dict  # what every stage of this command sets on top of it (not the backbone, output or seed)
 
 
 @dataclass(frozen=True)
@@ -119,6 +146,7 @@ class Study:
     output: Path | None = None  # the report folder
     run_command: str = "train"  # train | pretrain: the sarvit command of every run
     probe: Probe | None = None  # pretrain studies: the linear probe of every run
+    transfer: tuple = ()  # the Stage of every transfer command, in the file's order
 
 
 def _problem(path: Path, text: str) -> ConfigError:
@@ -139,8 +167,9 @@ def _options(path: Path, where: str, value: Any, command: str = "train") -> dict
     so one run)."""
     out = {}
     for key, item in _mapping(path, where, value).items():
-        if command == "linprobe" and str(key).replace("-", "_") in ("checkpoint", "pretrained"):
-            raise _problem(path, f"{where}: {key!r} is set by the study itself (each probe reads its run's "
+        if str(key).replace("-", "_") in BACKBONE_KEYS.get(command, ()):
+            what = "probe" if command == "linprobe" else f"{command} stage"
+            raise _problem(path, f"{where}: {key!r} is set by the study itself (each {what} reads its run's "
                                  "backbone); remove it")
         try:
             if command == "pretrain" and str(key) in (METHOD, "task"):
@@ -347,15 +376,57 @@ def probe_options(probe: Probe, run: Run) -> dict[str, Any]:
     return {**probe.options, "pretrained": str(run.folder), "seed": run.seed}
 
 
-def _split_extra(extra: dict[str, Any] | None) -> tuple[dict[str, Any], dict[str, Any]]:
-    """``--set`` options: ``(of every run, of every probe)``; ``probe.epochs=5`` is a probe's."""
-    runs, probes = {}, {}
+def _transfer(path: Path, value: Any, forced: dict[str, dict[str, Any]]) -> tuple[Stage, ...]:
+    """The ``transfer`` section: per command (detect, segment) its recipe and the options every stage of it
+    sets (``--set detect.X=V`` last)."""
+    spec = _mapping(path, "transfer", value)
+    unknown = sorted(set(map(str, spec)) - set(TRANSFER_COMMANDS))
+    if unknown:
+        raise _problem(path, f"transfer: unknown stage(s) {', '.join(unknown)}; a stage is one of "
+                             f"{', '.join(TRANSFER_COMMANDS)} (the sarvit command it runs)")
+    if value is not None and not spec:
+        raise _problem(path, f"transfer: name at least one stage ({', '.join(TRANSFER_COMMANDS)}), or remove it")
+    for command, options in forced.items():
+        if command not in spec:
+            raise _problem(path, f"--set {command}.{next(iter(options))}: the study has no transfer.{command} stage")
+    stages = []
+    for command, item in spec.items():
+        where = f"transfer.{command}"
+        item = _mapping(path, where, item)
+        unknown = sorted(set(map(str, item)) - PROBE_KEYS)
+        if unknown:
+            raise _problem(path, f"{where}: unknown key(s) {', '.join(unknown)}; it takes "
+                                 f"{', '.join(sorted(PROBE_KEYS))}")
+        if not isinstance(item.get("recipe"), str) or not item["recipe"]:
+            raise _problem(path, f"{where}.recipe must name a sarvit {command} recipe (a shipped recipe's name, e.g. "
+                                 f"stamps_{command}_cpu, or a YAML path)")
+        recipe = _recipe(path, item["recipe"])
+        read_recipe(recipe)
+        options = {**_options(path, f"{where}.options", item.get("options"), command),
+                   **_options(path, f"--set {command}", forced.get(command), command)}
+        stages.append(Stage(command, str(recipe.resolve()), options))
+    return tuple(stages)
+
+
+def stage_options(stage: Stage, run: Run) -> dict[str, Any]:
+    """Every option of ``run``'s ``stage`` on top of the stage's recipe: the stage's, the run's folder as the
+    backbone and the run's seed."""
+    return {**stage.options, "pretrained": str(run.folder), "seed": run.seed}
+
+
+def _split_extra(extra: dict[str, Any] | None) -> tuple[dict[str, Any], dict[str, Any], dict[str, dict[str, Any]]]:
+    """``--set`` options: ``(of every run, of every probe, {stage command: of every such stage})``;
+    ``probe.epochs=5`` is a probe's, ``detect.epochs=2`` a detect stage's."""
+    runs, probes, stages = {}, {}, {}
     for key, value in (extra or {}).items():
-        if str(key).startswith("probe."):
-            probes[str(key).removeprefix("probe.")] = value
+        prefix, dot, name = str(key).partition(".")
+        if dot and prefix == "probe":
+            probes[name] = value
+        elif dot and prefix in TRANSFER_COMMANDS:
+            stages.setdefault(prefix, {})[name] = value
         else:
             runs[key] = value
-    return runs, probes
+    return runs, probes, stages
 
 
 def load_study(path: str | Path, output: str | Path | None = None, command: str = "",
@@ -366,7 +437,8 @@ def load_study(path: str | Path, output: str | Path | None = None, command: str 
     ``results/<name>``) holds the report; runs lie in ``runs`` if given, else in the
     folder the file's ``runs`` key names (relative to ``output``; default ``runs``).
     ``extra``: options set in every run on top of the file's ``options`` (``--set``);
-    ``probe.<option>`` ones in every probe.
+    ``probe.<option>`` ones in every probe, ``detect.<option>`` / ``segment.<option>`` in every
+    such transfer stage.
     """
     path = study_path(path)
     spec = _read(path)
@@ -377,10 +449,11 @@ def load_study(path: str | Path, output: str | Path | None = None, command: str 
     recipe = _recipe(path, spec.get("recipe"))
     read_recipe(recipe)  # a malformed recipe is named now
     recipe_text = recipe.read_text()
-    extra_runs, extra_probes = _split_extra(extra)
+    extra_runs, extra_probes, extra_stages = _split_extra(extra)
     common = _options(path, "options", spec.get("options"), run_command)
     forced = _options(path, "--set", extra_runs, run_command)  # set in every run, over the file's cells and methods
     probe = _probe(path, spec.get("probe"), run_command, extra_probes)
+    transfer = _transfer(path, spec.get("transfer"), extra_stages)
     methods = {str(k): _options(path, f"methods.{k}", v, run_command)
                for k, v in _mapping(path, "methods", spec.get("methods")).items()}
     if not methods:
@@ -413,12 +486,18 @@ def load_study(path: str | Path, output: str | Path | None = None, command: str 
                                              + (f" in cell {cell!r}" if cell else "") + "; make them differ")
                 rid = run_id(recipe_text, options)
                 folder = runs_dir / rid
-                run = Run(rid, method, cell, seed, options, folder, folder / PROBE_FOLDER if probe else None)
+                run = Run(rid, method, cell, seed, options, folder, folder / PROBE_FOLDER if probe else None,
+                          {stage.command: folder / stage.command for stage in transfer})
                 if probe is not None and not runs:  # the probe's options are the same for every run but its seed
                     try:
                         load_config(probe.recipe, probe_options(probe, run), command="linprobe")
                     except ConfigError as err:
                         raise _problem(path, f"probe: {err}") from None
+                for stage in transfer if not runs else ():  # so are a stage's
+                    try:
+                        load_config(stage.recipe, stage_options(stage, run), command=stage.command)
+                    except ConfigError as err:
+                        raise _problem(path, f"transfer.{stage.command}: {err}") from None
                 runs.append(run)
     ids = [r.id for r in runs]
     if len(set(ids)) != len(ids):
@@ -438,4 +517,5 @@ def load_study(path: str | Path, output: str | Path | None = None, command: str 
         recipe=str(recipe.resolve()), methods=list(methods), baseline=baseline, cells=[c for c, _ in cells],
         seeds=seeds, runs=runs, command=command, attention=attention, jaccard=jaccard, heads=heads,
         options={**common, **forced}, runs_dir=runs_dir, output=output, run_command=run_command, probe=probe,
+        transfer=transfer,
     )
