@@ -17,13 +17,14 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 from contextlib import nullcontext
 
 import torch
 
 import sarvit
 from sarvit.ssl import DINO
+
+from clock import seconds  # benchmarks/clock.py (run as python benchmarks/NAME.py)
 
 
 def main() -> None:
@@ -64,11 +65,11 @@ def main() -> None:
         step(False), step(True)
     base, sar = [], []
     for _ in range(args.steps):
-        base.append(_clock(lambda: step(False), device))
-        sar.append(_clock(lambda: step(True), device))
+        base.append(seconds(lambda: step(False), device))
+        sar.append(seconds(lambda: step(True), device))
     with amp:
         S = dino(views, "dot")["S"].detach()  # (2B, heads, h, w)
-    se_alone = [_clock(lambda: dino.se(S.float().clone().requires_grad_(True)).backward(), device) for _ in range(20)]
+    se_alone = [seconds(lambda: dino.se(S.float().clone().requires_grad_(True)).backward(), device) for _ in range(20)]
     b, s = statistics.median(base), statistics.median(sar)
     print(f"{'':16s} {'median':>10s} {'minimum':>10s}")
     print(f"{'DINO':16s} {b * 1e3:8.1f}ms {min(base) * 1e3:8.1f}ms")
@@ -78,16 +79,6 @@ def main() -> None:
     se = statistics.median(se_alone)
     print(f"SE loss alone on the step's maps {tuple(S.shape)}: {se * 1e3:.2f} ms = {100 * se / min(base):.3f}% of "
           "the fastest DINO step")
-
-
-def _clock(fn, device: torch.device) -> float:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return time.perf_counter() - t0
 
 
 if __name__ == "__main__":

@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import statistics
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
@@ -29,6 +28,8 @@ from PIL import Image
 from sarvit.analysis.models import AnalysisModel
 from sarvit.analysis.protocol import prepare_pair, score_dataset
 from sarvit.data.masks import open_masked
+
+from clock import seconds  # benchmarks/clock.py (run as python benchmarks/NAME.py)
 
 
 def synthetic(root: Path, count: int) -> Path:
@@ -54,16 +55,6 @@ def plain_pass(loaded: AnalysisModel, dataset, batch_size: int, device) -> None:
             loaded.model(x.to(device)).float().cpu()
 
 
-def timed(fn, device) -> float:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return time.perf_counter() - start
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="vit_small_patch16_224")
@@ -85,8 +76,8 @@ def main() -> None:
         plain_pass(loaded, dataset, args.batch_size, device)  # warm-up
         plain, jac = [], []
         for _ in range(args.rounds):
-            plain.append(timed(lambda: plain_pass(loaded, dataset, args.batch_size, device), device) / n)
-            jac.append(timed(lambda: score_dataset(loaded, dataset, batch_size=args.batch_size, device=device,
+            plain.append(seconds(lambda: plain_pass(loaded, dataset, args.batch_size, device), device) / n)
+            jac.append(seconds(lambda: score_dataset(loaded, dataset, batch_size=args.batch_size, device=device,
                                                    progress=False), device) / n)
     p, j = statistics.median(plain), statistics.median(jac)
     print(f"{args.model} at {args.img_size}x{args.img_size}, {n} images, batch {args.batch_size}, {device}, "

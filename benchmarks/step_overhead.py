@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 from contextlib import nullcontext
 
 import torch
@@ -33,6 +32,8 @@ import torch.nn.functional as F
 import sarvit
 import sarvit.models  # noqa: F401  (registers cvt_13, t2t_vit_14, pvt_small, ... with timm)
 from sarvit.errors import ConfigError
+
+from clock import seconds  # benchmarks/clock.py (run as python benchmarks/NAME.py)
 
 NUM_CLASSES = 100
 # one model of every family sarvit.attach supports, in the order of sarvit.surgery.FAMILIES
@@ -76,16 +77,6 @@ def build(name: str, img_size: int, device: torch.device) -> torch.nn.Module:
     return model.to(device).train()
 
 
-def _clock(fn, device: torch.device) -> float:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return time.perf_counter() - t0
-
-
 def measure(model: torch.nn.Module, batch: int, img_size: int, steps: int, device: torch.device, amp) -> dict:
     """Median seconds of a CE-only step (``base``), a CE + SE step (``sar``) and the SE loss alone
     (``se``), and the shape of one batch's maps ``(heads, h, w)`` (``S``)."""
@@ -109,11 +100,11 @@ def measure(model: torch.nn.Module, batch: int, img_size: int, steps: int, devic
         step(False), step(True)
     base, sar = [], []
     for _ in range(steps):
-        base.append(_clock(lambda: step(False), device))
-        sar.append(_clock(lambda: step(True), device))
+        base.append(seconds(lambda: step(False), device))
+        sar.append(seconds(lambda: step(True), device))
     with amp:
         S = model.forward_with_similarity(x)[1].detach()  # (B, heads, h, w)
-    se_alone = [_clock(lambda: se(S.clone().requires_grad_(True)).backward(), device) for _ in range(20)]
+    se_alone = [seconds(lambda: se(S.clone().requires_grad_(True)).backward(), device) for _ in range(20)]
     return {"base": statistics.median(base), "sar": statistics.median(sar), "se": statistics.median(se_alone),
             "S": tuple(S.shape[1:])}
 
