@@ -90,3 +90,26 @@ def test_bad_options_are_refused_before_anything_is_written(tiny, tmp_path, caps
 def test_a_backbone_is_required(tiny, tmp_path, capsys):
     assert main(["segment", "--data", f"masks:{tiny['masks']}", "--output", str(tmp_path / "r")]) == 2
     assert "needs --backbone" in capsys.readouterr().err and not (tmp_path / "r").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("command,score", [("detect", "val_map_50"), ("segment", "val_miou")])
+def test_a_run_under_torchrun_with_two_processes(tiny, tmp_path, command, score):
+    """DDP over gloo: 8 images, 2 per process, 2 steps an epoch; validation gathered over both ranks."""
+    import os
+    import subprocess
+    import sys
+
+    import torch
+
+    out = tmp_path / "run"
+    argv = args(command, tiny, out, "--epochs", "1", "--batch-size", "2")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                           "-m", "sarvit", *argv], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "2 steps/epoch of 2 x 2 process(es)" in done.stdout
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == 1 and 0.0 <= rows[0][score] <= 1.0
+    state = torch.load(out / "checkpoints" / "last" / "state.pt", weights_only=False)
+    assert state["world"] == 2 and len(state["rng"]) == 2

@@ -105,7 +105,8 @@ class ViTDetBackbone(nn.Module):
     with ``out_channels`` set. ``strides`` are the levels' strides in pixels, finest first.
 
     Args:
-        vit: a timm ``VisionTransformer`` (SAR attached or not); its classifier head is unused.
+        vit: a timm ``VisionTransformer`` (SAR attached or not); its final norm and classifier head are
+            removed (``prune_intermediate_layers``).
         img_size: the input size the position embeddings are resampled to (others still work).
         out_channels: channels of every level (ViTDet: 256).
     """
@@ -119,6 +120,9 @@ class ViTDetBackbone(nn.Module):
         vit.patch_embed.strict_img_size = False
         vit.patch_embed.flatten = False
         vit.patch_embed.output_fmt = _nhwc()
+        # the final norm and the classifier read nothing here: gone (timm's own pruning), so that DDP finds
+        # every parameter used (it refuses parameters that get no gradient)
+        vit.prune_intermediate_layers(indices=1, prune_norm=True, prune_head=True)
         self.vit = vit
         self.patch = int(vit.patch_embed.patch_size[0])
         self.pyramid = SimpleFeaturePyramid(vit.embed_dim, out_channels)
