@@ -582,8 +582,9 @@ def _cmd_study(args: argparse.Namespace) -> int:
         return 0
     failed = []
     if args.report_only:
-        from .study.runner import check_output
+        from .study.runner import check_folders, check_output
 
+        check_folders(study)  # a probe or stage made with other options is not reported under today's
         check_output(study)
     else:
         check_runs(study)
@@ -623,9 +624,28 @@ def _thread_fault_hook(command: str, default):
     return hook
 
 
+def _owner_text(command: str | None, unknown: list[str]) -> str | None:
+    """For an option of another command given to ``command``: which commands read it (None otherwise)."""
+    from .config import FIELDS, owner_hint
+
+    for token in unknown:
+        name = token.removeprefix("--").partition("=")[0].replace("-", "_")
+        name = "lambda_" if name == "lambda" else name
+        if command in TRAINERS and token.startswith("--") and name in FIELDS and owner_hint(name):
+            return (f"{token.partition('=')[0]} is not an option of `sarvit {command}`{owner_hint(name)}; "
+                    "remove it")
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:
+        text = _owner_text(args.command, unknown)
+        if text is None:
+            parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+        print(f"sarvit {args.command}: error: {text}", file=sys.stderr)
+        return 2
     commands = {**{name: _cmd_training(name) for name in TRAINERS}, "eval": _cmd_eval, "demo": _cmd_demo,
                 "recipes": _cmd_recipes, "attention": _cmd_attention, "jaccard": _cmd_jaccard, "curves": _cmd_curves, "data": _cmd_data,
                 "study": _cmd_study}

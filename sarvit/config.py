@@ -491,7 +491,7 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
                 ignored.append(shown_name(name))
             continue
         where = "--" + shown_name(name).replace("_", "-") if name in overridden else f"{shown_name(name)} in {path}"
-        raise ConfigError(f"{where}: not an option of `sarvit {TASK_COMMAND[task]}`{_owner_hint(name)}")
+        raise ConfigError(f"{where}: not an option of `sarvit {TASK_COMMAND[task]}`{owner_hint(name)}")
     return apply_overrides(TrainConfig(), values)
 
 
@@ -522,7 +522,8 @@ def _task_of(command: str, values: dict[str, Any], path) -> str:
     return task
 
 
-def _owner_hint(name: str) -> str:
+def owner_hint(name: str) -> str:
+    """`` (it is one of `sarvit train`, ...)``: the commands that read option ``name`` ("" for none)."""
     owners = [t for t in TASKS if name in task_fields(t)]
     if not owners:
         return ""
@@ -566,7 +567,8 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         check_field(name, getattr(cfg, name))
     if cfg.per_class is not None and cfg.train_fraction is not None:
         raise ConfigError("give --per-class or --train-fraction, not both")
-    if (cfg.mixup > 0 or cfg.cutmix > 0) and cfg.mixup_prob > 0 and cfg.batch_size % 2:
+    mixing = cfg.task == "supervised" and (cfg.mixup > 0 or cfg.cutmix > 0) and cfg.mixup_prob > 0  # others mix none
+    if mixing and cfg.batch_size % 2:
         raise ConfigError(f"Mixup/CutMix pair samples within a batch: batch_size must be even, got {cfg.batch_size}")
     return cfg
 

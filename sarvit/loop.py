@@ -285,6 +285,13 @@ def _plan_run(cfg, task: Task, dist: Dist, stack: ExitStack) -> Plan:
         if cfg.resume == "auto":
             return Plan(run, fresh=True, notes=[f"no run in {run.root} yet: starting a new one"])
         return Plan(run, fresh=True)
+    other = _task_of(run)
+    if other is not None and other != cfg.task:
+        from .config import TASK_COMMAND
+
+        raise ConfigError(f"run folder {run.root} holds a `sarvit {TASK_COMMAND.get(other, other)}` run, not a "
+                          f"`sarvit {TASK_COMMAND[cfg.task]}` one; choose another --output (nothing there is "
+                          "overwritten)")
     if cfg.resume is None:
         raise ConfigError(f"run folder {run.root} already exists and is not empty; add --resume auto to continue "
                           "that run, or choose another --output (nothing there is overwritten)")
@@ -335,6 +342,17 @@ def _choose_checkpoint(cfg, run: RunFolder) -> tuple[Path | None, tuple[str, ...
             "Nothing was changed. To train it again from the start, move the folder away or choose another --output."
         )
     return found.path, found.skipped
+
+
+def _task_of(run: RunFolder) -> str | None:
+    """The task of the run ``run`` holds, as its config.yaml says (None: no readable config.yaml)."""
+    import yaml
+
+    try:
+        saved = yaml.safe_load(run.config.read_text())
+    except (OSError, yaml.YAMLError):
+        return None
+    return saved.get("task", "supervised") if isinstance(saved, dict) else None
 
 
 def _first_checkpoint_unfinished(run: RunFolder) -> bool:

@@ -508,18 +508,21 @@ def finetune_layout(source_layout: str | None, sar: bool, asked_layout: str | No
 def backbone_architecture(cfg):
     """``cfg`` with ``model`` and ``model_kwargs`` of the sarvit metadata of the weights ``cfg.pretrained``
     names, when they have it (linprobe, detect and segment build what was trained, and their
-    config.yaml says what it is); a different ``--model`` than the default is refused."""
+    config.yaml says what it is); a ``--model`` or ``--model-kwargs`` other than the default and
+    the weights' own is refused."""
     import dataclasses
 
-    from .checkpoint import read_metadata
     from .config import TrainConfig
 
     path = weights_file(cfg.pretrained)
-    meta = read_metadata(path) if path.suffix == ".safetensors" else {}
+    meta = _safetensors_metadata(path) if path.suffix == ".safetensors" else {}
     if not meta.get("model"):
         return cfg
-    if cfg.model not in (TrainConfig().model, meta["model"]):
-        raise ConfigError(f"--model {cfg.model}: the weights {path} are a {meta['model']} (their sarvit metadata "
-                          "says so); leave --model out, the backbone is built as it was trained")
     kwargs = {k: v for k, v in (meta.get("model_kwargs") or {}).items() if k != "dynamic_img_size"}
+    for flag, given, default, own in (("--model", cfg.model, TrainConfig().model, meta["model"]),
+                                      ("--model-kwargs", cfg.model_kwargs, TrainConfig().model_kwargs, kwargs)):
+        if given not in (default, own):
+            raise ConfigError(f"{flag} {given}: the weights {path} are a {meta['model']} with model_kwargs {kwargs} "
+                              f"(their sarvit metadata says so); leave {flag} out, the backbone is built as it was "
+                              "trained")
     return dataclasses.replace(cfg, model=meta["model"], model_kwargs=kwargs)

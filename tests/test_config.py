@@ -295,3 +295,12 @@ def test_a_recipes_mistakes_name_the_recipe(tmp_path, line, message):
     if not line.startswith("bogus"):  # a value the command line replaces is not the recipe's to answer for
         option = line.split(":")[0]
         assert getattr(load_config(recipe, {option: "5"}), "lambda_" if option == "lambda" else option) == 5
+
+
+@pytest.mark.parametrize("command", ["detect", "segment", "linprobe", "pretrain"])
+def test_an_odd_batch_is_refused_only_where_mixup_pairs_samples(command):
+    options = {"batch_size": 3, "pretrained": "weights.safetensors"} if command != "pretrain" else {
+        "batch_size": 3, "task": "dino"}
+    assert load_config(None, options, command=command).batch_size == 3  # Mixup is sarvit train's only
+    with pytest.raises(ConfigError, match="batch_size must be even, got 3"):
+        load_config(None, {"batch_size": 3})

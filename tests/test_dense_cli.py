@@ -73,12 +73,16 @@ def test_resume_mid_epoch_gives_bitwise_equal_weights(tiny, tmp_path, monkeypatc
     (["--dense-size", "16"], "dense_size must be in [32, 4096]"),
     (["--dense-size", "36"], "dense_size must be a multiple of twice the backbone's patch size (8)"),
     (["--warmup-steps", "-3"], "warmup_steps must be >= 0"),
-    (["--img-size", "64"], "unrecognized arguments"),
+    (["--img-size", "64"], "--img-size is not an option of `sarvit detect` (it is one of `sarvit train`"),
+    (["--lambda", "0.1"], "--lambda is not an option of `sarvit detect` (it is one of `sarvit train`, `sarvit pretrain`)"),
+    (["--no-such-option", "1"], "unrecognized arguments: --no-such-option 1"),
     (["--data", "voc2012"], "no detection dataset 'voc2012'"),
+    (["--data", "coco_json:"], "--data coco_json:: name the folder after the colon"),
+    (["--model-kwargs", "{depth: 12}"], "--model-kwargs {'depth': 12}: the weights"),  # the backbone's own: depth 2
 ])
 def test_bad_options_are_refused_before_anything_is_written(tiny, tmp_path, capsys, bad, message):
     out = tmp_path / "run"
-    if "unrecognized" in message:  # an option of another command: argparse refuses it
+    if "unrecognized" in message:  # an option of no command: argparse refuses it
         with pytest.raises(SystemExit):
             main(args("detect", tiny, out, "--epochs", "1", *bad))
     else:
@@ -113,3 +117,29 @@ def test_a_run_under_torchrun_with_two_processes(tiny, tmp_path, command, score)
     assert len(rows) == 1 and 0.0 <= rows[0][score] <= 1.0
     state = torch.load(out / "checkpoints" / "last" / "state.pt", weights_only=False)
     assert state["world"] == 2 and len(state["rng"]) == 2
+
+
+def test_an_odd_batch_is_accepted(tiny, tmp_path, capsys):
+    """No Mixup pairs samples in a dense task (sarvit train refuses an odd batch for it)."""
+    assert main(args("segment", tiny, tmp_path / "run", "--epochs", "1", "--batch-size", "3")) == 0
+    assert "done:" in capsys.readouterr().out
+
+
+def test_a_damaged_backbone_file_is_refused_clearly(tiny, tmp_path, capsys):
+    damaged = tmp_path / "damaged.safetensors"
+    damaged.write_text("hello")
+    out = tmp_path / "run"
+    assert main(["detect", "--backbone", str(damaged), "--data", f"coco_json:{tiny['coco']}", "--output", str(out),
+                 *FAST]) == 2
+    assert "cannot read" in capsys.readouterr().err and not out.exists()
+
+
+@pytest.mark.parametrize("resume", [[], ["--resume", "auto"]])
+def test_an_output_holding_another_commands_run_is_named(tiny, tmp_path, capsys, resume):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "config.yaml").write_text("task: detect\nepochs: 3\n")
+    before = (out / "config.yaml").read_text()
+    assert main(args("segment", tiny, out, "--epochs", "1", *resume)) == 2
+    assert "holds a `sarvit detect` run, not a `sarvit segment` one; choose another --output" in capsys.readouterr().err
+    assert sorted(p.name for p in out.iterdir()) == ["config.yaml"] and (out / "config.yaml").read_text() == before

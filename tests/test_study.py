@@ -670,15 +670,27 @@ def test_a_study_trains_then_fine_tunes_and_a_failed_stage_lets_the_other_run(tm
         assert f"(figures/{command}-SAR-seed0.png)" in text
 
 
-def test_a_stage_folder_made_with_other_options_is_refused_at_start(tmp_path):
+def test_stage_data_that_do_not_exist_are_refused_before_any_training(tmp_path):
+    from sarvit.study.runner import check_runs
+
+    study = load_study(write_study(tmp_path / "s.yaml", transfer=TRANSFER, seeds=[0]), tmp_path / "out",
+                       extra={"detect.data": f"coco_json:{tmp_path / 'nothing'}"})
+    with pytest.raises(ConfigError, match=r"transfer\.detect: .*nothing"):
+        check_runs(study)
+    assert not study.runs_dir.exists()
+
+
+def test_a_stage_folder_made_with_other_options_is_refused_at_start(tmp_path, capsys):
     from sarvit.config import to_dict
     from sarvit.dense.tasks import check_dense_config
     from sarvit.pretrained import backbone_architecture
     from sarvit.study.runner import check_runs
     from sarvit.study.spec import stage_options
-    from tests.dense_fixtures import write_backbone_run
+    from tests.dense_fixtures import write_backbone_run, write_coco, write_masks
 
-    study = load_study(write_study(tmp_path / "s.yaml", transfer=TRANSFER, seeds=[0]), tmp_path / "out")
+    coco, masks = write_coco(tmp_path / "coco", train=4, val=2), write_masks(tmp_path / "masks", train=4, val=2)
+    study = load_study(write_study(tmp_path / "s.yaml", transfer=TRANSFER, seeds=[0]), tmp_path / "out",
+                       extra={"detect.data": f"coco_json:{coco}", "segment.data": f"masks:{masks}"})
     run, detect = study.runs[1], study.transfer[0]
     write_backbone_run(run.folder)  # what the stage fine-tunes: a tiny ViT, its architecture in its metadata
 
@@ -694,6 +706,12 @@ def test_a_stage_folder_made_with_other_options_is_refused_at_start(tmp_path):
     made_with({"epochs": 5, "workers": 0, "pretrained": spelled})
     with pytest.raises(ConfigError, match=r"the detect stage .*/detect was made with other options \(epochs 5 -> 3\)"):
         check_runs(study)
+    from sarvit.cli import main
+
+    capsys.readouterr()  # nor reported under epochs 3 by --report-only
+    assert main(["study", str(tmp_path / "s.yaml"), "--output", str(tmp_path / "out"), "--report-only",
+                 "--set", f"detect.data=coco_json:{coco}", "--set", f"segment.data=masks:{masks}"]) == 2
+    assert "was made with other options (epochs 5 -> 3)" in capsys.readouterr().err
     made_with({"workers": 0, "pretrained": spelled})  # what a study need not match: workers, the path spelling
     check_runs(study)
 

@@ -85,6 +85,8 @@ def draw_segmentations(path: str | Path, images: list, truths: list, predictions
         axes[0, col].set_title(title)
     present = sorted({int(i) for ids in [*truths, *predictions] for i in np.unique(ids) if i != 255})
     fig.tight_layout(rect=(0, 0.04, 1, 1))
-    fig.legend(handles=[Patch(facecolor=palette[i], edgecolor="gray", label=classes[i]) for i in present],
-               loc="lower center", ncol=min(len(present), 6), fontsize=8, frameon=False)
+    handles = [Patch(facecolor=palette[i], edgecolor="gray", label=classes[i]) for i in present]
+    if any((ids == 255).any() for ids in truths):
+        handles.append(Patch(facecolor="white", edgecolor="gray", label="void (ignored)"))
+    fig.legend(handles=handles, loc="lower center", ncol=min(len(handles), 7), fontsize=8, frameon=False)
     return _save(fig, path)

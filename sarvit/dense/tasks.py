@@ -29,7 +29,7 @@ from ..checkpoint import file_sha256
 from ..errors import ConfigError
 
 __all__ = ["DetectTask", "SegmentTask", "DetectStep", "SegmentStep", "detect", "segment", "check_dense_config",
-           "shown_detections", "FIGURE", "FIGURE_IMAGES", "SCORE_SHOWN"]
+           "open_dense_data", "shown_detections", "FIGURE", "FIGURE_IMAGES", "SCORE_SHOWN"]
 
 FIGURE = "predictions.png"
 FIGURE_IMAGES = 4
@@ -44,11 +44,23 @@ def check_dense_config(cfg):
     config.validate(cfg)
     config.check_optimization_with_timm(cfg)
     kind, sep, folder = cfg.data.partition(":")
-    if sep and folder:
+    if sep and not folder:
+        raise ConfigError(f"--data {cfg.data}: name the folder after the colon, e.g. {kind}:data/stamps")
+    if sep:
         import os
 
         cfg = dataclasses.replace(cfg, data=f"{kind}:{os.path.abspath(os.path.expanduser(folder))}")
     return cfg
+
+
+def open_dense_data(cfg) -> None:
+    """Open the train and val annotations of ``cfg.data`` as ``cfg.task`` (detect, segment) reads them: a
+    missing or malformed dataset raises its clear error (``DatasetNotFound``, ``ConfigError``)."""
+    from .datasets import open_detection, open_segmentation
+
+    read = open_detection if cfg.task == "detect" else open_segmentation
+    for split in ("train", "val"):
+        read(cfg.data, cfg.data_root, split)
 
 
 def detect(cfg) -> dict:

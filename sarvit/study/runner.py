@@ -37,7 +37,7 @@ from ..runs import RunFolder
 from .spec import Run, Stage, Study, config_options, probe_options, stage_options
 
 __all__ = ["RunStatus", "status_of", "train_command", "probe_command", "stage_command", "commands_of",
-           "all_commands", "check_runs", "check_output", "check_writable", "run_study", "MARKER"]
+           "all_commands", "check_runs", "check_folders", "check_output", "check_writable", "run_study", "MARKER"]
 
 
 @dataclass
@@ -164,23 +164,32 @@ def check_runs(study: Study) -> None:
                                                 command="linprobe"))
         except ConfigError as err:
             raise ConfigError(f"study {study.name}: probe: {err}") from None
-        for run in study.runs:
-            check_probe_folder(study, run)
     for stage in study.transfer:
-        from ..dense.tasks import check_dense_config
+        from ..dense.tasks import check_dense_config, open_dense_data
 
         try:
-            check_dense_config(load_config(stage.recipe, stage_options(stage, study.runs[0]), command=stage.command))
-        except ConfigError as err:
+            cfg = check_dense_config(load_config(stage.recipe, stage_options(stage, study.runs[0]),
+                                                 command=stage.command))
+            open_dense_data(cfg)  # the stage's data exist: found now, not after every training
+        except UserError as err:
             raise ConfigError(f"study {study.name}: transfer.{stage.command}: {err}") from None
-        for run in study.runs:
-            check_stage_folder(study, run, stage)
+    check_folders(study)
     check_output(study)
     check_writable(Path(study.runs_dir), "--runs")
 
 
 # options of a probe that do not change what it computes: a probe may finish with others
 _NEUTRAL = {"output", "resume", "extend", "pretrained", "device", "workers", "log_interval", "checkpoint_interval"}
+
+
+def check_folders(study: Study) -> None:
+    """The probe and transfer-stage folders that exist were made with the options the study gives them now
+    (before a run, and before ``--report-only`` reports them under the study's options)."""
+    for run in study.runs:
+        if study.probe is not None:
+            check_probe_folder(study, run)
+        for stage in study.transfer:
+            check_stage_folder(study, run, stage)
 
 
 def check_probe_folder(study: Study, run: Run) -> None:
