@@ -61,10 +61,11 @@ def _metavar(name: str) -> str:
 
 
 def _add_config_options(p, tasks: tuple[str, ...], flags: dict[str, str] | None = None,
-                        required: tuple[str, ...] = ()) -> None:
+                        required: tuple[str, ...] = (), helps: dict[str, str] | None = None) -> None:
     """One option per field the ``tasks`` read (``sarvit.config.task_fields``), in titled groups;
-    ``flags`` renames some (field -> flag), ``required`` must be given."""
-    flags = flags or {}
+    ``flags`` renames some (field -> flag), ``required`` must be given, ``helps`` replaces some
+    fields' help text for this command."""
+    flags, helps = flags or {}, helps or {}
     p.allow_abbrev = False  # `--checkpoint` must not be read as --checkpoint-interval
     order = list(FIELDS)
     starts = [(order.index(first), title) for title, first in TRAIN_GROUPS]
@@ -83,7 +84,7 @@ def _add_config_options(p, tasks: tuple[str, ...], flags: dict[str, str] | None 
         rule = RULES[name]
         admits = f"{rule.requirement()}; " if rule.range is not None else ""
         shown = "required" if name in required else f"default: {default}"
-        text = f"{f.metadata.get('help', '')} ({admits}{shown})"
+        text = f"{helps.get(name, f.metadata.get('help', ''))} ({admits}{shown})"
         metavar = _metavar(name)
         if name == "task":  # `sarvit pretrain --method`
             metavar = "|".join(COMMAND_TASKS["pretrain"])
@@ -147,6 +148,14 @@ def _add_linprobe(sub) -> None:
     _add_config_options(p, ("linprobe",), flags={"pretrained": "--checkpoint"}, required=("pretrained",))
 
 
+def _dense_helps(data: str) -> dict[str, str]:
+    """The help texts ``sarvit detect`` / ``segment`` give where ``sarvit train``'s do not fit."""
+    return {"data": f"the dataset: {data}",
+            "pretrained": "the backbone to fine-tune: a sarvit run folder or weights file, a timm state dict, a "
+                          "DINO or MoCo v3 checkpoint",
+            "output": "run folder; default runs/<command>-<backbone>-<data>-seed<seed>"}
+
+
 def _add_dense(sub) -> None:
     """``sarvit detect`` and ``sarvit segment``: ViTDet transfer (Tables 5 and 6, appendix E.3)."""
     p = sub.add_parser(
@@ -163,7 +172,8 @@ def _add_dense(sub) -> None:
         "--config stamps_detect_cpu --output runs/stamps-sar-detect",
     )
     p.add_argument("--config", metavar="RECIPE", help="YAML recipe: a file, or a shipped recipe's name")
-    _add_config_options(p, ("detect",), flags={"pretrained": "--backbone"}, required=("pretrained",))
+    _add_config_options(p, ("detect",), flags={"pretrained": "--backbone"}, required=("pretrained",),
+                        helps=_dense_helps("voc2007 (--data-root: the folder holding VOCdevkit/) or coco_json:DIR"))
     p = sub.add_parser(
         "segment",
         help="fine-tune a pre-trained ViT for semantic segmentation: ViTDet pyramid + FPN head (Table 6)",
@@ -176,7 +186,8 @@ def _add_dense(sub) -> None:
         "--config stamps_segment_cpu --output runs/stamps-sar-segment",
     )
     p.add_argument("--config", metavar="RECIPE", help="YAML recipe: a file, or a shipped recipe's name")
-    _add_config_options(p, ("segment",), flags={"pretrained": "--backbone"}, required=("pretrained",))
+    _add_config_options(p, ("segment",), flags={"pretrained": "--backbone"}, required=("pretrained",),
+                        helps=_dense_helps("voc2012 (--data-root: the folder holding VOCdevkit/) or masks:DIR"))
 
 
 def _add_eval(sub) -> None:

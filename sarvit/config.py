@@ -497,8 +497,11 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
 
 # a task's defaults where they differ from TrainConfig's (DeiT's): DINO's linear evaluation (eval_linear.py:
 # SGD with momentum 0.9, no weight decay, lr 0.001 x batch / 256, no warm-up, cosine to 0, 100 epochs)
+_E3 = {"epochs": 25, "batch_size": 8, "opt": "adamw", "lr": 1e-4, "warmup_steps": 250, "warmup_lr": 1e-6,
+       "min_lr": 1e-6}  # appendix E.3, the paper's detection and segmentation fine-tuning
 TASK_DEFAULTS = {"linprobe": {"opt": "sgd", "momentum": 0.9, "weight_decay": 0.0, "base_lr": 0.002,
-                              "warmup_epochs": 0, "min_lr": 0.0, "epochs": 100}}
+                              "warmup_epochs": 0, "min_lr": 0.0, "epochs": 100},
+                 "detect": {**_E3, "data": "voc2007"}, "segment": {**_E3, "data": "voc2012"}}
 
 COMMAND_TASKS = {"train": ("supervised",), "finetune": ("supervised",), "pretrain": ("dino", "mocov3"),
                  "linprobe": ("linprobe",), "detect": ("detect",), "segment": ("segment",)}

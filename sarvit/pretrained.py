@@ -516,6 +516,9 @@ def backbone_architecture(cfg):
 
     path = weights_file(cfg.pretrained)
     meta = _safetensors_metadata(path) if path.suffix == ".safetensors" else {}
+    if meta.get("task") in ("detect", "segment"):  # a whole detector or segmenter, not a backbone
+        raise ConfigError(f"{path} holds a `sarvit {meta['task']}` run's weights, not a backbone; give the backbone "
+                          f"it was fine-tuned from ({meta.get('backbone', '`pretrained` in its config.yaml')})")
     if not meta.get("model"):
         return cfg
     kwargs = {k: v for k, v in (meta.get("model_kwargs") or {}).items() if k != "dynamic_img_size"}

@@ -304,3 +304,11 @@ def test_an_odd_batch_is_refused_only_where_mixup_pairs_samples(command):
     assert load_config(None, options, command=command).batch_size == 3  # Mixup is sarvit train's only
     with pytest.raises(ConfigError, match="batch_size must be even, got 3"):
         load_config(None, {"batch_size": 3})
+
+
+@pytest.mark.parametrize("command,data", [("detect", "voc2007"), ("segment", "voc2012")])
+def test_dense_defaults_are_appendix_e3(command, data):
+    """E.3: 25 epochs, AdamW, lr 1e-4, a linear warm-up of 250 iterations, 512x512 inputs, batch 8."""
+    cfg = load_config(None, {"pretrained": "weights.safetensors"}, command=command)
+    assert (cfg.epochs, cfg.opt, cfg.lr, cfg.warmup_steps, cfg.dense_size, cfg.batch_size, cfg.data) == (
+        25, "adamw", 1e-4, 250, 512, 8, data)

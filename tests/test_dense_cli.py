@@ -143,3 +143,14 @@ def test_an_output_holding_another_commands_run_is_named(tiny, tmp_path, capsys,
     assert main(args("segment", tiny, out, "--epochs", "1", *resume)) == 2
     assert "holds a `sarvit detect` run, not a `sarvit segment` one; choose another --output" in capsys.readouterr().err
     assert sorted(p.name for p in out.iterdir()) == ["config.yaml"] and (out / "config.yaml").read_text() == before
+
+
+def test_a_dense_run_is_not_taken_for_a_backbone(tiny, tmp_path, capsys):
+    first = tmp_path / "first"
+    assert main(args("segment", tiny, first, "--epochs", "1")) == 0
+    capsys.readouterr()
+    assert main(["detect", "--backbone", str(first), "--data", f"coco_json:{tiny['coco']}",
+                 "--output", str(tmp_path / "second"), *FAST]) == 2
+    err = capsys.readouterr().err
+    assert "holds a `sarvit segment` run's weights, not a backbone" in err and str(tiny["vit"]) in err
+    assert not (tmp_path / "second").exists()
