@@ -443,7 +443,8 @@ def _restore(plan: Plan, cfg, dist: Dist, task: Task, state: LoopState, tally: T
     task.optimizer.load_state_dict(saved["optimizer"])
     if task.scaler is not None and saved.get("scaler"):
         task.scaler.load_state_dict(saved["scaler"])
-    loop = {"best_score": saved["loop"].get("best_top1"), **saved["loop"]}  # best_top1: checkpoints written before the rename
+    # checkpoints written before LoopState.best_score was named so call it best_top1
+    loop = {"best_score": saved["loop"].get("best_top1"), **saved["loop"]}
     for f in dataclasses.fields(LoopState):
         setattr(state, f.name, loop[f.name])
     _set_rng_state(saved["rng"][dist.rank], dist.device)

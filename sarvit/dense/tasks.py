@@ -237,8 +237,8 @@ class _DenseTask:
     def metadata(self) -> dict:
         cfg = self.cfg
         return {"task": self.command, "backbone": str(self.weights), "backbone_sha256": self.sha256, **self.arch,
-                "dense_size": cfg.dense_size, "dense_channels": cfg.dense_channels, "num_classes": len(self.data.classes), "classes": self.data.classes,
-                "data": cfg.data}
+                "dense_size": cfg.dense_size, "dense_channels": cfg.dense_channels,
+                "num_classes": len(self.data.classes), "classes": self.data.classes, "data": cfg.data}
 
     def score(self, row: dict):
         return row.get(self.score_key)
@@ -338,15 +338,16 @@ class DetectTask(_DenseTask):
 
         text = epoch_text(row)
         if "val_map_50" in row:
-            text += f" | val box mAP@0.5 {row['val_map_50']:.4f} mAP {row['val_map']:.4f}"
+            text += f" | val box mAP@0.5 {100 * row['val_map_50']:.2f}% mAP {100 * row['val_map']:.2f}%"
             if "val_mask_map_50" in row:
-                text += f", mask mAP@0.5 {row['val_mask_map_50']:.4f} mAP {row['val_mask_map']:.4f}"
+                text += f", mask mAP@0.5 {100 * row['val_mask_map_50']:.2f}% mAP {100 * row['val_mask_map']:.2f}%"
         return text
 
     def summary_text(self, summary: dict) -> str:
         final = summary["final"]
-        return (f"done: {summary['run_dir']}\n  final val box mAP@0.5 {final.get('map_50', float('nan')):.4f}, "
-                f"mAP {final.get('map', float('nan')):.4f}\n  best val box mAP@0.5 {summary['best_map_50']:.4f} "
+        return (f"done: {summary['run_dir']}\n  final val box mAP@0.5 {100 * final.get('map_50', float('nan')):.2f}%, "
+                f"mAP {100 * final.get('map', float('nan')):.2f}%\n  best val box mAP@0.5 "
+                f"{100 * summary['best_map_50']:.2f}% "
                 f"(epoch {summary['best_epoch']}), {summary['train_seconds_total']:.0f} s of training")
 
     @torch.no_grad()
@@ -420,13 +421,13 @@ class SegmentTask(_DenseTask):
 
         text = epoch_text(row)
         if "val_miou" in row:
-            text += f" | val mIoU {row['val_miou']:.4f}, pixel accuracy {row['val_pixel_acc']:.4f}"
+            text += f" | val mIoU {100 * row['val_miou']:.2f}%, pixel accuracy {100 * row['val_pixel_acc']:.2f}%"
         return text
 
     def summary_text(self, summary: dict) -> str:
         final = summary["final"]
-        return (f"done: {summary['run_dir']}\n  final val mIoU {final.get('miou', float('nan')):.4f}\n"
-                f"  best val mIoU {summary['best_miou']:.4f} (epoch {summary['best_epoch']}), "
+        return (f"done: {summary['run_dir']}\n  final val mIoU {100 * final.get('miou', float('nan')):.2f}%\n"
+                f"  best val mIoU {100 * summary['best_miou']:.2f}% (epoch {summary['best_epoch']}), "
                 f"{summary['train_seconds_total']:.0f} s of training")
 
     @torch.no_grad()

@@ -785,8 +785,8 @@ def _stage_figures(study, records: list[RunRecord], command: str, cell: str, out
                             link=path.relative_to(output).as_posix()))
     if not blocks:
         return [Block("text", f"No predictions shown: no method has a finished {command} stage at seed {seed}.")]
-    text = (f"Predictions beside the ground truth on the first validation images, one run per method (seed {seed}, "
-            f"the stage's last weights), in the order " + ", ".join(m for m in study.methods if m not in absent)
+    text = (f"Predictions beside the ground truth on validation images spread over the split, one run per method "
+            f"(seed {seed}, the stage's last weights), in the order " + ", ".join(m for m in study.methods if m not in absent)
             + "." + (f" Not drawn (no finished stage at that seed): {', '.join(absent)}." if absent else ""))
     return [Block("text", text), *blocks]
 
