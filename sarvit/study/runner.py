@@ -192,24 +192,31 @@ def check_folders(study: Study) -> None:
             check_stage_folder(study, run, stage)
 
 
+def _other_options(folder: Path, command: str, expected) -> str | None:
+    """How the run in ``folder`` (a probe or a transfer stage) was made otherwise than with ``expected()``
+    (a config), as ``"epochs 5 -> 3, ..."``; None when it matches, has no config.yaml, or a damaged one (the
+    command itself says what is wrong when it resumes)."""
+    saved = RunFolder(folder).config
+    if not saved.is_file():
+        return None
+    try:
+        old = load_config(saved, command=command)
+    except ConfigError:
+        return None
+    before, now = to_dict(old), to_dict(expected())
+    changed = sorted(k for k in set(before) | set(now) if k not in _NEUTRAL and before.get(k) != now.get(k))
+    return ", ".join(f"{k} {before.get(k)!r} -> {now.get(k)!r}" for k in changed) or None
+
+
 def check_probe_folder(study: Study, run: Run) -> None:
     """A probe folder that exists was made with the options the study gives it now: a finished probe of
     other options would be reported as this study's, an interrupted one resumed with the wrong ones."""
-    saved = RunFolder(run.probe).config
-    if not saved.is_file():
-        return
-    try:
-        old = load_config(saved, command="linprobe")
-    except ConfigError:
-        return  # a damaged config.yaml: the probe itself says what is wrong when it resumes
     from ..pretrained import backbone_architecture
 
     # the probe builds the backbone's own architecture (its sarvit metadata), as `sarvit linprobe` records it
-    new = backbone_architecture(load_config(study.probe.recipe, probe_options(study.probe, run), command="linprobe"))
-    before, now = to_dict(old), to_dict(new)
-    changed = sorted(k for k in set(before) | set(now) if k not in _NEUTRAL and before.get(k) != now.get(k))
-    if changed:
-        shown = ", ".join(f"{k} {before.get(k)!r} -> {now.get(k)!r}" for k in changed)
+    shown = _other_options(run.probe, "linprobe", lambda: backbone_architecture(
+        load_config(study.probe.recipe, probe_options(study.probe, run), command="linprobe")))
+    if shown:
         raise ConfigError(f"study {study.name}: the probe {run.probe} was made with other options ({shown}); "
                           "restore the study's probe options, or move that folder away to probe again")
 
@@ -217,26 +224,17 @@ def check_probe_folder(study: Study, run: Run) -> None:
 def check_stage_folder(study: Study, run: Run, stage: Stage) -> None:
     """A transfer stage's folder that exists was made with the options the study gives it now (as
     :func:`check_probe_folder`; the data compared as the stage records it, its folder made absolute)."""
-    saved = RunFolder(run.stages[stage.command]).config
-    if not saved.is_file():
-        return
-    try:
-        old = load_config(saved, command=stage.command)
-    except ConfigError:
-        return  # a damaged config.yaml: the stage itself says what is wrong when it resumes
     from ..dense.tasks import check_dense_config
     from ..pretrained import backbone_architecture
 
     # the stage builds the backbone's own architecture (its sarvit metadata), as `sarvit detect` records it
-    new = backbone_architecture(check_dense_config(load_config(stage.recipe, stage_options(stage, run),
-                                                               command=stage.command)))
-    before, now = to_dict(old), to_dict(new)
-    changed = sorted(k for k in set(before) | set(now) if k not in _NEUTRAL and before.get(k) != now.get(k))
-    if changed:
-        shown = ", ".join(f"{k} {before.get(k)!r} -> {now.get(k)!r}" for k in changed)
-        raise ConfigError(f"study {study.name}: the {stage.command} stage {run.stages[stage.command]} was made with "
-                          f"other options ({shown}); restore the study's transfer.{stage.command} options, or move "
-                          f"that folder away to run it again")
+    folder = run.stages[stage.command]
+    shown = _other_options(folder, stage.command, lambda: backbone_architecture(check_dense_config(
+        load_config(stage.recipe, stage_options(stage, run), command=stage.command))))
+    if shown:
+        raise ConfigError(f"study {study.name}: the {stage.command} stage {folder} was made with other options "
+                          f"({shown}); restore the study's transfer.{stage.command} options, or move that folder "
+                          "away to run it again")
 
 
 MARKER = "study.txt"  # in a report folder: the name of the study whose report it holds
